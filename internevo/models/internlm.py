@@ -1,0 +1,80 @@
+"""InternLM v1 (``INTERNLM``): pre-norm decoder, fused ``Wqkv`` with bias, SwiGLU MLP.
+
+Parameter names are InternEvo's: ``embedding``, ``blocks.{i}.mixer.{Wqkv,out_proj}``,
+``blocks.{i}.norm1``, ``blocks.{i}.norm2``, ``blocks.{i}.mlp.{w1,w2,w3}``, ``norm``, ``head``.
+"""
+
+from __future__ import annotations
+
+from torch import Tensor, nn
+
+from internevo.config import ModelConfig
+from internevo.models.layers import (
+    Block,
+    CausalLM,
+    ForwardContext,
+    RMSNorm,
+    SwiGLU,
+    apply_rotary,
+    attend,
+    dropout,
+    ffn_hidden,
+)
+
+
+class MHA(nn.Module):
+    """Multi-head self-attention with RoPE; ``Wqkv`` rows are ``[Q; K; V]``, each ``[H*d]``."""
+
+    def __init__(self, hidden: int, num_heads: int, attn_drop: float, use_flash: bool) -> None:
+        super().__init__()
+        self.head_dim = hidden // num_heads
+        self.attn_drop = attn_drop
+        self.use_flash = use_flash
+        self.Wqkv = nn.Linear(hidden, 3 * hidden, bias=True)
+        self.out_proj = nn.Linear(hidden, hidden, bias=True)
+
+    def forward(self, x: Tensor, ctx: ForwardContext) -> Tensor:
+        """``x [B, S, h]`` -> ``[B, S, h]``; the head count comes from the weight's shape."""
+        b, s, _ = x.shape
+        qkv = self.Wqkv(x).view(b, s, 3, -1, self.head_dim)
+        q = apply_rotary(qkv[:, :, 0], ctx.cos, ctx.sin)
+        k = apply_rotary(qkv[:, :, 1], ctx.cos, ctx.sin)
+        out = attend(q, k, qkv[:, :, 2], ctx, self.attn_drop, self.training, self.use_flash)
+        return self.out_proj(out.reshape(b, s, -1))
+
+
+class InternLMBlock(Block):
+    """InternEvo's block: ``r = drop(x); r = drop(mixer(norm1(r))) + r; out = mlp(norm2(r)) + r``."""
+
+    def __init__(self, m: ModelConfig) -> None:
+        super().__init__()
+        h = m.hidden_size
+        self.drop_rate = m.drop_rate
+        self.mixer = MHA(h, m.num_attention_heads, m.attn_drop_rate, m.use_flash_attn)
+        self.norm1 = RMSNorm(h, m.layer_norm_epsilon)
+        self.norm2 = RMSNorm(h, m.layer_norm_epsilon)
+        self.mlp = SwiGLU(h, ffn_hidden(h, m.mlp_ratio, m.multiple_of))
+
+    def block_forward(self, x: Tensor, ctx: ForwardContext) -> Tensor:
+        """Pre-norm attention and MLP with residuals (spec §4.1)."""
+        residual = dropout(x, self.drop_rate, self.training)
+        attn = self.mixer(self.norm1(residual), ctx)
+        residual = dropout(attn, self.drop_rate, self.training) + residual
+        return self.mlp(self.norm2(residual)) + residual
+
+
+class InternLM(CausalLM):
+    """InternLM v1 decoder (``model_type="INTERNLM"``)."""
+
+    embedding_attr = "embedding"
+    blocks_attr = "blocks"
+    norm_attr = "norm"
+    head_attr = "head"
+
+    def __init__(self, m: ModelConfig) -> None:
+        super().__init__(m.hidden_size // m.num_attention_heads, m.rope_base,
+                         m.max_position_embeddings, m.use_dynamic_ntk_rope)
+        self.embedding = nn.Embedding(m.vocab_size, m.hidden_size)
+        self.blocks = nn.ModuleList(InternLMBlock(m) for _ in range(m.num_layers))
+        self.norm = RMSNorm(m.hidden_size, m.layer_norm_epsilon)
+        self.head = nn.Linear(m.hidden_size, m.vocab_size, bias=False)

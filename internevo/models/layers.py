@@ -1,0 +1,240 @@
+"""Building blocks shared by the models: RMSNorm, RoPE (with dynamic NTK), SwiGLU, and the
+decoder skeleton (embedding -> blocks -> norm -> head) with the per-forward context.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import ClassVar, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
+
+from internevo.models.attention import CuSeqlens, Segments, packed_causal_attention
+
+
+def ffn_hidden(hidden: int, mlp_ratio: float, multiple_of: int) -> int:
+    """FFN width: ``int(hidden * mlp_ratio)`` rounded up to a multiple of ``multiple_of``."""
+    return multiple_of * math.ceil(int(hidden * mlp_ratio) / multiple_of)
+
+
+class RMSNorm(nn.Module):
+    """RMSNorm computed in fp32 (whatever the input and weight dtypes), returned in the input dtype.
+
+    Computing in fp32 lets the weight stay fp32 (``use_fp32_norm``) under a 16-bit model.
+    """
+
+    def __init__(self, dim: int, eps: float = 1e-5) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Normalise the last dimension."""
+        out = F.rms_norm(x.float(), self.weight.shape, self.weight.float(), self.eps)
+        return out.to(x.dtype)
+
+
+class SwiGLU(nn.Module):
+    """``w2(silu(w1 x) * w3 x)`` without biases (w2 is the down projection)."""
+
+    def __init__(self, dim: int, hidden: int) -> None:
+        super().__init__()
+        self.w1 = nn.Linear(dim, hidden, bias=False)
+        self.w3 = nn.Linear(dim, hidden, bias=False)
+        self.w2 = nn.Linear(hidden, dim, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Apply the gated MLP."""
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+# --------------------------------------------------------------------------------------------
+# rotary position embedding
+
+
+class RotaryEmbedding(nn.Module):
+    """cos/sin tables of RoPE for per-token positions, with optional dynamic-NTK scaling.
+
+    The fp32 table is a plain attribute (not a buffer): it stays out of ``state_dict()``, is never
+    cast to the model dtype, and is rebuilt lazily (larger, or on another device) when needed.
+    Dynamic NTK follows Hugging Face Llama with scaling factor 1: when the longest position of the
+    batch ``L = max(positions) + 1`` exceeds ``max_position_embeddings`` ``M``, the base becomes
+    ``base * (L / M) ** (d / (d - 2))``.
+    """
+
+    def __init__(self, head_dim: int, base: float = 10000.0, max_position_embeddings: int = 2048,
+                 dynamic_ntk: bool = False) -> None:
+        super().__init__()
+        self.head_dim = head_dim
+        self.base = float(base)
+        self.max_position_embeddings = max_position_embeddings
+        self.dynamic_ntk = dynamic_ntk
+        self._table: Optional[tuple[Tensor, Tensor]] = None
+
+    def ntk_base(self, length: int) -> float:
+        """RoPE base used for a batch whose longest position is ``length - 1``."""
+        if not self.dynamic_ntk or length <= self.max_position_embeddings:
+            return self.base
+        d = self.head_dim
+        return self.base * (length / self.max_position_embeddings) ** (d / (d - 2))
+
+    def table(self, length: int, base: float, device: torch.device) -> tuple[Tensor, Tensor]:
+        """fp32 ``cos, sin`` of shape ``[length, d/2]`` for positions ``0 .. length-1``."""
+        inv_freq = 1.0 / (base ** (torch.arange(0, self.head_dim, 2, device=device).float()
+                                   / self.head_dim))
+        freqs = torch.outer(torch.arange(length, device=device).float(), inv_freq)
+        return freqs.cos(), freqs.sin()
+
+    def forward(self, positions: Optional[Tensor], length: int, dtype: torch.dtype,
+                device: torch.device) -> tuple[Tensor, Tensor]:
+        """``cos, sin`` of shape ``positions.shape + (d/2,)`` in ``dtype``.
+
+        ``positions=None`` means ``arange(length)``; otherwise ``length`` must exceed every
+        position (the caller computes it once per forward).
+        """
+        base = self.ntk_base(length)
+        if base != self.base:  # scaled table depends on this batch: not cached
+            cos, sin = self.table(length, base, device)
+        else:
+            cos, sin = self._cached(length, device)
+        if positions is None:
+            return cos[:length].to(dtype), sin[:length].to(dtype)
+        return cos[positions].to(dtype), sin[positions].to(dtype)
+
+    def _cached(self, length: int, device: torch.device) -> tuple[Tensor, Tensor]:
+        table = self._table
+        if table is None or table[0].shape[0] < length or table[0].device != device:
+            size = max(length, self.max_position_embeddings)
+            table = self._table = self.table(size, self.base, device)
+        return table
+
+
+def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor, interleaved: bool = False) -> Tensor:
+    """Rotate ``x`` of shape ``[B, S, *heads, d]`` (any strides) by RoPE; returns a contiguous tensor.
+
+    ``cos``/``sin`` are ``[S, d/2]`` or ``[B, S, d/2]``.  Half-split (NeoX) pairs feature ``i`` with
+    ``i + d/2``.  ``interleaved=True`` pairs ``2i`` with ``2i+1`` (GPT-J) and writes the rotated
+    features as [evens, odds]: the same as permuting the features to [evens, odds] and then applying
+    the half-split rotation; attention scores are unchanged when q and k get the same permutation.
+    """
+    for _ in range(x.dim() - 3):  # broadcast over the head dimension(s)
+        cos, sin = cos.unsqueeze(-2), sin.unsqueeze(-2)
+    if interleaved:
+        x1, x2 = x[..., 0::2], x[..., 1::2]
+    else:
+        x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+
+
+# --------------------------------------------------------------------------------------------
+# decoder skeleton
+
+
+@dataclass
+class ForwardContext:
+    """What every block needs besides its input, computed once per forward."""
+
+    cos: Tensor
+    """RoPE cos, ``[S, d/2]`` or ``[B, S, d/2]`` in the activation dtype."""
+    sin: Tensor
+    """RoPE sin, same shape."""
+    segments: Optional[Segments]
+    """Packed-row segment boundaries (None: each row is one causal sequence)."""
+
+
+def dropout(x: Tensor, p: float, training: bool) -> Tensor:
+    """Dropout that costs nothing when it is off."""
+    return F.dropout(x, p, training) if p > 0 and training else x
+
+
+def attend(q: Tensor, k: Tensor, v: Tensor, ctx: ForwardContext, dropout_p: float,
+           training: bool, use_flash: bool) -> Tensor:
+    """Attention on ``[B, S, H, d]`` tensors, packed (B == 1) when the context has segments."""
+    if ctx.segments is None:
+        return packed_causal_attention(q, k, v, None, dropout_p, training, use_flash=use_flash)
+    out = packed_causal_attention(q[0], k[0], v[0], ctx.segments, dropout_p, training,
+                                  use_flash=use_flash)
+    return out.unsqueeze(0)
+
+
+class Block(nn.Module):
+    """A transformer block whose forward can be recomputed in backward (activation checkpointing).
+
+    ``recompute`` is set per instance by ``apply_activation_checkpointing``; keeping the switch
+    inside the block leaves parameter names untouched and works for whoever calls the block.
+    """
+
+    recompute: bool = False
+
+    def forward(self, x: Tensor, ctx: ForwardContext) -> Tensor:
+        """Run the block, under non-reentrant checkpointing when ``recompute`` is set."""
+        if self.recompute and torch.is_grad_enabled():
+            return checkpoint(self.block_forward, x, ctx, use_reentrant=False)
+        return self.block_forward(x, ctx)
+
+    def block_forward(self, x: Tensor, ctx: ForwardContext) -> Tensor:
+        """The block's computation (implemented by each model)."""
+        raise NotImplementedError
+
+
+class CausalLM(nn.Module):
+    """Embedding -> blocks -> final norm -> head, with packed-sequence handling.
+
+    Subclasses create the modules under the names given by the class attributes.  A pipeline stage
+    may set the embedding, norm or head to ``None``: it then takes / returns hidden states.
+    """
+
+    embedding_attr: ClassVar[str]
+    blocks_attr: ClassVar[str]
+    norm_attr: ClassVar[str]
+    head_attr: ClassVar[str]
+
+    def __init__(self, head_dim: int, rope_base: float, max_position_embeddings: int,
+                 dynamic_ntk: bool) -> None:
+        super().__init__()
+        self.rotary = RotaryEmbedding(head_dim, rope_base, max_position_embeddings, dynamic_ntk)
+
+    def transformer_blocks(self) -> nn.ModuleList:
+        """The list of transformer blocks (for activation checkpointing and pipeline splits)."""
+        return getattr(self, self.blocks_attr)
+
+    def forward(self, input_ids: Tensor, cu_seqlens: CuSeqlens = None,
+                indexes: Optional[Tensor] = None) -> Tensor:
+        """``input_ids [B, S]`` -> logits ``[B, S, V]`` in the model dtype.
+
+        With ``cu_seqlens`` (only ``B == 1``) attention stays inside each segment and ``indexes``
+        (``[S]`` or ``[1, S]``, default: positions inside the segments) are the RoPE positions;
+        without it each row is one causal sequence at positions ``arange(S)`` (or ``indexes``).
+        """
+        embedding = getattr(self, self.embedding_attr)
+        x = embedding(input_ids) if embedding is not None else input_ids
+        ctx = self.forward_context(x, cu_seqlens, indexes)
+        for block in self.transformer_blocks():
+            x = block(x, ctx)
+        norm, head = getattr(self, self.norm_attr), getattr(self, self.head_attr)
+        if norm is not None:
+            x = norm(x)
+        return head(x) if head is not None else x
+
+    def forward_context(self, x: Tensor, cu_seqlens: CuSeqlens,
+                        indexes: Optional[Tensor]) -> ForwardContext:
+        """Segments and RoPE tables for hidden states ``x [B, S, h]`` (one host sync at most)."""
+        batch, seq = x.shape[0], x.shape[1]
+        segments, positions = None, None
+        if cu_seqlens is not None:
+            if batch != 1:
+                raise ValueError(f"packed input (cu_seqlens given) needs batch size 1, got {batch}")
+            segments = cu_seqlens if isinstance(cu_seqlens, Segments) else \
+                Segments.build(cu_seqlens, x.device, total=seq)
+            positions = segments.positions() if indexes is None else indexes.reshape(-1)
+        elif indexes is not None:
+            positions = indexes.reshape(-1) if indexes.shape[0] == 1 else indexes
+        if positions is not None:
+            positions = positions.to(x.device)
+        length = seq if positions is None else int(positions.max()) + 1
+        cos, sin = self.rotary(positions, length, x.dtype, x.device)
+        return ForwardContext(cos, sin, segments)

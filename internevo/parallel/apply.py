@@ -1,0 +1,44 @@
+"""Apply parallelism to a single-device model, in one fixed order, and build what depends on it.
+
+Order: build the full model (layout-independent initial weights) -> tensor / sequence parallel
+-> activation checkpointing -> FSDP -> move to the device.  The optimizer and the loss are chosen
+to match (ZeRO-1.5 flat shards or FSDP's own shards; plain or vocab-parallel cross entropy).
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch import nn
+
+from internevo.config import TrainConfig
+from internevo.models.registry import apply_activation_checkpointing, build_model
+from internevo.parallel.comm import Comm
+from internevo.parallel.layout import ParallelLayout
+from internevo.parallel.zero import HybridZeroOptimizer
+from internevo.train.loss import lm_loss
+from internevo.train.schedules import LossScaler
+
+
+def parallelize(cfg: TrainConfig, layout: ParallelLayout, comm: Comm, device: torch.device,
+                seed: int) -> nn.Module:
+    """Build the model for this rank with every configured parallel mode applied."""
+    model = build_model(cfg, seed=seed)
+    if cfg.model.checkpoint:
+        apply_activation_checkpointing(model, cfg.model.checkpoint)
+    return model.to(device)
+
+
+def build_optimizer(model: nn.Module, cfg: TrainConfig, layout: ParallelLayout, comm: Comm,
+                    scaler: LossScaler) -> HybridZeroOptimizer:
+    """The optimizer matching how the parameters are sharded."""
+    params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    return HybridZeroOptimizer(params, cfg, layout, comm, scaler)
+
+
+def build_loss(cfg: TrainConfig, layout: ParallelLayout,
+               comm: Comm) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """Cross entropy with the configured label smoothing."""
+    smoothing = cfg.loss.label_smoothing
+    return lambda logits, labels: lm_loss(logits, labels, smoothing)

@@ -1,0 +1,213 @@
+"""The training loop: build every part from the config, resume, step, measure, evaluate, save."""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+
+from internevo.config import TrainConfig
+from internevo.parallel.comm import Comm
+from internevo.parallel.layout import ParallelLayout
+from internevo.train.loss import token_stats
+from internevo.train.metrics import MetricsWriter, device_peak_flops, step_flops
+from internevo.train.schedules import LossScaler, Schedules
+
+
+@dataclass
+class TrainState:
+    """Progress counters (checkpointed)."""
+
+    batch_count: int = 0
+    """Batches consumed so far (including skipped and overflowed ones); the next batch's index."""
+    step_count: int = 0
+    """Successful optimizer updates."""
+    num_consumed_tokens: int = 0
+    """Tokens of every trained batch, summed over data parallel."""
+    inf_nan_skip_batches: int = 0
+    """Batches whose update was skipped for non-finite gradients."""
+    skipped_batches: int = 0
+    """Batches consumed without training because ``data.skip_batches`` named them."""
+
+    def state_dict(self) -> dict:
+        """Checkpointable state."""
+        return asdict(self)
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore from :meth:`state_dict`."""
+        for key, value in state.items():
+            setattr(self, key, int(value))
+
+
+def _to_device(batch: dict, device: torch.device) -> dict:
+    out = {k: v.to(device, non_blocking=True) for k, v in batch.items() if k != "cu_seqlens"}
+    out["cu_seqlens"] = [c.to(device) for c in batch["cu_seqlens"]]
+    return out
+
+
+class Trainer:
+    """Owns the model, optimizer, schedules, data and metrics of one run on one rank."""
+
+    def __init__(self, cfg: TrainConfig, layout: ParallelLayout, comm: Comm,
+                 device: torch.device, run_dir: Path, seed: int = 1024):
+        from internevo.data.loader import build_train_loader, build_valid_loaders
+        from internevo.data.sampler import parse_skip_batches
+        from internevo.parallel.apply import build_loss, build_optimizer, parallelize
+        from internevo.train.checkpoint import CheckpointManager
+
+        self.cfg, self.layout, self.comm, self.device = cfg, layout, comm, device
+        self.run_dir, self.seed = Path(run_dir), seed
+        self.model = parallelize(cfg, layout, comm, device, seed)
+        self.scaler = LossScaler.from_config(cfg)
+        self.optimizer = build_optimizer(self.model, cfg, layout, comm, self.scaler)
+        self.loss_fn = build_loss(cfg, layout, comm)
+        self.schedules = Schedules(cfg)
+        self.state = TrainState()
+        self.loader = build_train_loader(cfg, layout.dp_rank, layout.data)
+        self.valid_loaders = build_valid_loaders(cfg, layout.dp_rank, layout.data)
+        self.skip_batches = parse_skip_batches(cfg.data.skip_batches)
+        self.num_types = max(1, len(getattr(self.loader, "dataset_types", []) or [""]))
+        self.peak = device_peak_flops(cfg, device)
+        self.writer = MetricsWriter(self.run_dir, cfg.enable_tb, cfg.tensorboard_folder,
+                                    layout.is_log_rank)
+        self.ckpt = CheckpointManager(self)
+        self.history: list[dict] = []
+
+    # ------------------------------------------------------------------------------- stepping
+    def forward_backward(self, batch: dict, loss_scale: float) -> tuple[float, dict]:
+        """Run all micro-batches of ``batch``; gradients accumulate, nothing is communicated."""
+        rows = batch["input_ids"].shape[0]
+        loss_sum = 0.0
+        stats = None
+        for m in range(rows):
+            logits = self.model(batch["input_ids"][m:m + 1], cu_seqlens=batch["cu_seqlens"][m],
+                                indexes=batch["indexes"][m:m + 1])
+            loss = self.loss_fn(logits, batch["labels"][m:m + 1]) / rows
+            (loss * loss_scale).backward() if loss_scale != 1.0 else loss.backward()
+            loss_sum += loss.item()
+            row_stats = self.row_stats(logits, batch, m)
+            stats = row_stats if stats is None else {k: stats[k] + row_stats[k] for k in stats}
+            del logits, loss
+        return loss_sum, stats
+
+    def row_stats(self, logits: torch.Tensor, batch: dict, m: int) -> dict:
+        """Per-type token counts, correct predictions and NLL of one row (for metrics)."""
+        full = getattr(logits, "full_tensor", None)
+        logits = full() if callable(full) else logits
+        return token_stats(logits.detach(), batch["labels"][m:m + 1], batch["type_ids"][m:m + 1],
+                           self.num_types)
+
+    def train_step(self, batch: dict) -> dict:
+        """One optimizer step on ``batch``; returns its metrics record."""
+        self.comm.reset()
+        start = time.perf_counter()
+        self.model.train()
+        batch = _to_device(batch, self.device)
+        loss, stats = self.forward_backward(batch, self.scaler.scale)
+        outcome = self.optimizer.step(self.schedules.lr(), self.schedules.beta2())
+        lr = self.schedules.lr()
+        if outcome.success:
+            self.schedules.step()
+            self.state.step_count += 1
+        else:
+            self.state.inf_nan_skip_batches += 1
+        loss_t = torch.tensor([loss], dtype=torch.float64)
+        self.comm.all_reduce(loss_t, "data", op="avg")
+        elapsed = time.perf_counter() - start
+        return self._record(batch, loss_t.item(), lr, outcome, stats, elapsed)
+
+    def _record(self, batch: dict, loss: float, lr: float, outcome: Any, stats: dict,
+                elapsed: float) -> dict:
+        lay = self.layout
+        tokens = batch["labels"].numel() * lay.data
+        self.state.num_consumed_tokens += tokens
+        seg = [n for c in batch["cu_seqlens"] for n in torch.diff(c).tolist()]
+        flops = step_flops(self.cfg, batch["labels"].numel(), seg) * lay.data / lay.world_size
+        tflops = flops / elapsed / 1e12
+        correct, count = stats["correct"].sum().item(), stats["tokens"].sum().item()
+        record = {
+            "step": self.state.step_count, "batch": self.state.batch_count, "loss": loss,
+            "lr": lr, "grad_norm": outcome.grad_norm, "loss_scale": outcome.loss_scale,
+            "success": outcome.success, "tokens": tokens,
+            "tgs": tokens / lay.world_size / elapsed, "tflops": tflops,
+            "mfu": flops / elapsed / self.peak if self.peak else None,
+            "acc": correct / count if count else None, "step_time": elapsed,
+            "micro_num": batch["labels"].shape[0],
+            "num_consumed_tokens": self.state.num_consumed_tokens,
+            "comm_bytes": self.comm.total_bytes(),
+        }
+        record.update(self.comm.snapshot())
+        return record
+
+    # ----------------------------------------------------------------------------- the loop
+    def fit(self) -> list[dict]:
+        """Train until ``data.total_steps`` batches are consumed or the stop file says so."""
+        self.ckpt.maybe_resume()
+        batches = iter(self.loader)
+        total = self.cfg.data.total_steps
+        while self.state.batch_count < total:
+            batch = next(batches)
+            if self.state.batch_count in self.skip_batches:
+                self.state.batch_count += 1
+                self.state.skipped_batches += 1
+                continue
+            record = self.train_step(batch)
+            self.state.batch_count += 1
+            self.history.append(record)
+            self.writer.write(record, self.console_line(record))
+            if self.should_validate():
+                self.validate()
+            if self.ckpt.after_step():
+                break
+        self.ckpt.finish()
+        self.writer.close()
+        return self.history
+
+    def should_validate(self) -> bool:
+        """Validation every ``data.valid_every`` successful steps."""
+        every = self.cfg.data.valid_every
+        return bool(every and self.valid_loaders and self.state.step_count % every == 0)
+
+    def console_line(self, r: dict) -> str:
+        """Human-readable one-line summary of a step."""
+        mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "unknown"
+        skipped = "" if r["success"] else " (update skipped: non-finite gradients)"
+        return (f"step {r['step']:>5} batch {r['batch'] + 1}/{self.cfg.data.total_steps} "
+                f"loss {r['loss']:.4f} lr {r['lr']:.3e} grad_norm {r['grad_norm']:.3f} "
+                f"tgs {r['tgs']:.0f} tflops {r['tflops']:.3f} mfu {mfu}{skipped}")
+
+    # ---------------------------------------------------------------------------- validation
+    @torch.no_grad()
+    def validate(self) -> dict[str, float]:
+        """Mean token loss and accuracy on every validation set, averaged over data parallel."""
+        self.model.eval()
+        results = {}
+        for name, loader in self.valid_loaders.items():
+            totals = torch.zeros(3, dtype=torch.float64)
+            for batch in loader:
+                batch = _to_device(batch, self.device)
+                for m in range(batch["input_ids"].shape[0]):
+                    logits = self.model(batch["input_ids"][m:m + 1],
+                                        cu_seqlens=batch["cu_seqlens"][m],
+                                        indexes=batch["indexes"][m:m + 1])
+                    s = self.row_stats(logits, batch, m)
+                    totals += torch.stack([s["nll"].sum(), s["correct"].sum(), s["tokens"].sum()])
+            self.comm.all_reduce(totals, "data")
+            count = max(totals[2].item(), 1.0)
+            loss = totals[0].item() / count
+            results[f"valid/{name}/loss"] = loss
+            results[f"valid/{name}/acc"] = totals[1].item() / count
+            results[f"valid/{name}/ppl"] = math.exp(min(loss, 50.0))
+        self.model.train()
+        record = {"step": self.state.step_count, **results}
+        self.writer.write(record, "validation " + " ".join(f"{k} {v:.4f}" for k, v in results.items()))
+        return results
+
+
+def run_dir_for(cfg: TrainConfig, run_dir: Optional[str]) -> Path:
+    """``--run-dir`` when given, else ``runs/<JOB_NAME>``."""
+    return Path(run_dir) if run_dir else Path("runs") / cfg.JOB_NAME
