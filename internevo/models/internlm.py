@@ -44,7 +44,7 @@ class MHA(nn.Module):
 
 
 class InternLMBlock(Block):
-    """InternEvo's block: ``r = drop(x); r = drop(mixer(norm1(r))) + r; out = mlp(norm2(r)) + r``."""
+    """InternEvo's block: ``r = drop(x); r = drop(mixer(norm1(r))) + r; mlp(norm2(r)) + r``."""
 
     def __init__(self, m: ModelConfig) -> None:
         super().__init__()

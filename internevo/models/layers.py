@@ -44,8 +44,8 @@ class SwiGLU(nn.Module):
     def __init__(self, dim: int, hidden: int) -> None:
         super().__init__()
         self.w1 = nn.Linear(dim, hidden, bias=False)
-        self.w3 = nn.Linear(dim, hidden, bias=False)
         self.w2 = nn.Linear(hidden, dim, bias=False)
+        self.w3 = nn.Linear(dim, hidden, bias=False)
 
     def forward(self, x: Tensor) -> Tensor:
         """Apply the gated MLP."""
@@ -114,7 +114,7 @@ class RotaryEmbedding(nn.Module):
 
 
 def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor, interleaved: bool = False) -> Tensor:
-    """Rotate ``x`` of shape ``[B, S, *heads, d]`` (any strides) by RoPE; returns a contiguous tensor.
+    """Rotate ``x [B, S, *heads, d]`` (any strides) by RoPE; the result is contiguous.
 
     ``cos``/``sin`` are ``[S, d/2]`` or ``[B, S, d/2]``.  Half-split (NeoX) pairs feature ``i`` with
     ``i + d/2``.  ``interleaved=True`` pairs ``2i`` with ``2i+1`` (GPT-J) and writes the rotated

@@ -1,0 +1,7 @@
+"""The one exception type of the data package."""
+
+from __future__ import annotations
+
+
+class DataError(ValueError):
+    """Bad data input: the message names the file (and line) and says what is wrong."""
