@@ -18,8 +18,9 @@ Then InternEvo's collate rule: ``input_ids = |tokens|``, ``labels = l if l > 0 e
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Iterator, Optional, Protocol
+from typing import Optional, Protocol
 
 import numpy as np
 
@@ -144,7 +145,7 @@ class PackedDataset:
 
 
 class ConcatPacks:
-    """Several packed datasets behind one index (InternEvo's ``ConcatDataset`` of per-file packs)."""
+    """Several packed datasets behind one index (InternEvo's ``ConcatDataset`` of files)."""
 
     def __init__(self, datasets: list):
         self.datasets = [d for d in datasets if len(d)]

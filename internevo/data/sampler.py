@@ -11,7 +11,8 @@ the same size in lock step.  The whole position is three integers (``epoch``, ``
 
 from __future__ import annotations
 
-from typing import Iterator, Optional
+from collections.abc import Iterator
+from typing import Optional
 
 import numpy as np
 
@@ -43,7 +44,7 @@ def batch_size_at(batch_index: int, micro_num: int, rampup: Optional[str]) -> in
 
 
 def parse_skip_batches(text: Optional[str]) -> set[int]:
-    """``"10-20,35"`` -> ``{10, ..., 20, 35}`` (inclusive ranges; batch indices count every batch)."""
+    """``"10-20,35"`` -> ``{10, ..., 20, 35}`` (inclusive ranges; every batch counts)."""
     out: set[int] = set()
     for part in (p.strip() for p in (text or "").split(",")):
         if not part:

@@ -12,8 +12,9 @@ from __future__ import annotations
 import json
 import mmap
 import os
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Optional
 
 import numpy as np
 
@@ -92,7 +93,7 @@ class TokenizedWriter:
         for tmp in (self._tmp_bin, self._tmp_meta):
             tmp.unlink(missing_ok=True)
 
-    def __enter__(self) -> "TokenizedWriter":
+    def __enter__(self) -> TokenizedWriter:
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
