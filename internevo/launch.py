@@ -1,4 +1,16 @@
-"""Process start-up: torchrun / Slurm / single process -> rank, world, device, process group, seeds."""
+"""Process start-up: torchrun / Slurm / single process -> rank, world, device, process group, seeds.
+
+* ``--launcher torch``: ``torchrun`` sets ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``,
+  ``MASTER_ADDR`` and ``MASTER_PORT``; with none of them the job is a single process.
+* ``--launcher slurm``: ``srun … python train.py --config … --launcher slurm``: rank from
+  ``SLURM_PROCID``, world from ``SLURM_NPROCS`` (or ``SLURM_NTASKS``), local rank from
+  ``SLURM_LOCALID``, master address = the first host of ``SLURM_JOB_NODELIST`` (``MASTER_ADDR``
+  wins when set), port from ``--port``, else ``MASTER_PORT``, else 8888 (InternEvo's default).
+
+The backend follows the device: NCCL when a GPU is visible, gloo on CPU.  Collectives time out
+after ``--timeout`` seconds (InternEvo: 1800).  One RNG policy: :func:`seed_everything` seeds
+Python, NumPy and torch with the same seed on every rank; weights do not depend on it.
+"""
 
 from __future__ import annotations
 
@@ -6,14 +18,17 @@ import datetime
 import os
 import random
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Mapping, Optional
+from typing import Optional
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
 DEFAULT_PORT = 8888
+TORCHRUN_VARS = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+_RANGE = re.compile(r"^(\d+)(?:-(\d+))?$")
 
 
 @dataclass
@@ -32,39 +47,91 @@ class LaunchInfo:
     """Port of the rendezvous store."""
 
 
+class LaunchError(RuntimeError):
+    """The launcher's environment is incomplete or inconsistent."""
+
+
+# ------------------------------------------------------------------------------------------
+# Slurm node lists
+
+
+def expand_slurm_nodelist(nodelist: str) -> list[str]:
+    """All hosts of a Slurm node list: ``gpu[03-05,7],cpu1`` -> gpu03 gpu04 gpu05 gpu7 cpu1.
+
+    Zero padding of a range is kept (``[08-10]`` -> 08 09 10), as ``scontrol show hostnames``.
+    """
+    hosts = []
+    for prefix, bracket, rest in re.findall(r"([^,\[]+)(?:\[([^\]]+)\])?([^,\[]*)",
+                                            nodelist.strip()):
+        if not bracket:
+            hosts.append(prefix + rest)
+            continue
+        for part in bracket.split(","):
+            match = _RANGE.match(part)
+            if match is None:
+                raise LaunchError(f"cannot parse SLURM node list {nodelist!r} at {part!r}")
+            lo, hi = match.group(1), match.group(2) or match.group(1)
+            hosts.extend(f"{prefix}{str(i).zfill(len(lo))}{rest}"
+                         for i in range(int(lo), int(hi) + 1))
+    if not hosts:
+        raise LaunchError(f"cannot parse SLURM node list {nodelist!r}")
+    return hosts
+
+
 def first_slurm_host(nodelist: str) -> str:
     """First host of a Slurm node list such as ``gpu[03-05,7],cpu1`` -> ``gpu03``."""
-    match = re.match(r"([^\[,]+)(\[([^\]]+)\])?", nodelist.strip())
-    if not match:
-        raise ValueError(f"cannot parse SLURM node list {nodelist!r}")
-    prefix, bracket = match.group(1), match.group(3)
-    if not bracket:
-        return prefix
-    first = bracket.split(",")[0].split("-")[0]
-    return prefix + first
+    return expand_slurm_nodelist(nodelist)[0]
+
+
+# ------------------------------------------------------------------------------------------
+# environment
 
 
 def read_launch_env(launcher: Optional[str], env: Mapping[str, str] = os.environ,
                     port: Optional[int] = None) -> LaunchInfo:
     """Read rank/world/master from the launcher's environment (single process when absent)."""
     if launcher == "slurm":
-        missing = [k for k in ("SLURM_PROCID", "SLURM_NPROCS", "SLURM_JOB_NODELIST")
-                   if k not in env and not (k == "SLURM_NPROCS" and "SLURM_NTASKS" in env)]
-        if missing:
-            raise RuntimeError(f"--launcher slurm: environment lacks {', '.join(missing)}; "
-                               "start the job with srun")
-        world = int(env.get("SLURM_NPROCS", env.get("SLURM_NTASKS")))
-        return LaunchInfo(rank=int(env["SLURM_PROCID"]), world_size=world,
-                          local_rank=int(env.get("SLURM_LOCALID", 0)),
-                          master_addr=env.get("MASTER_ADDR", first_slurm_host(env["SLURM_JOB_NODELIST"])),
-                          master_port=int(port or env.get("MASTER_PORT", DEFAULT_PORT)))
-    if launcher not in (None, "torch"):
-        raise ValueError(f"--launcher must be 'torch' or 'slurm', got {launcher!r}")
-    # torchrun sets these; a plain `python train.py --launcher torch` runs as one process.
+        info = _slurm_info(env, port)
+    elif launcher in (None, "torch"):
+        info = _torch_info(env, port)
+    else:
+        raise LaunchError(f"--launcher must be 'torch' or 'slurm', got {launcher!r}")
+    if not 0 <= info.rank < info.world_size:
+        raise LaunchError(f"rank {info.rank} is outside the world of {info.world_size} processes")
+    return info
+
+
+def _slurm_info(env: Mapping[str, str], port: Optional[int]) -> LaunchInfo:
+    nodelist = env.get("SLURM_JOB_NODELIST", env.get("SLURM_NODELIST"))
+    world = env.get("SLURM_NPROCS", env.get("SLURM_NTASKS"))
+    missing = [name for name, value in (("SLURM_PROCID", env.get("SLURM_PROCID")),
+                                        ("SLURM_NPROCS (or SLURM_NTASKS)", world),
+                                        ("SLURM_JOB_NODELIST", nodelist)) if value is None]
+    if missing:
+        raise LaunchError(f"--launcher slurm: environment lacks {', '.join(missing)}; "
+                          "start the job with srun")
+    return LaunchInfo(rank=int(env["SLURM_PROCID"]), world_size=int(world),
+                      local_rank=int(env.get("SLURM_LOCALID", 0)),
+                      master_addr=env.get("MASTER_ADDR") or first_slurm_host(nodelist),
+                      master_port=int(port or env.get("MASTER_PORT", DEFAULT_PORT)))
+
+
+def _torch_info(env: Mapping[str, str], port: Optional[int]) -> LaunchInfo:
+    present = [name for name in TORCHRUN_VARS if name in env]
+    if not present:  # `python train.py` without a launcher: one process
+        return LaunchInfo(0, 1, 0, "127.0.0.1", int(port or DEFAULT_PORT))
+    missing = [name for name in TORCHRUN_VARS if name not in env]
+    if missing and int(env.get("WORLD_SIZE", 1)) > 1:
+        raise LaunchError(f"--launcher torch: environment has {', '.join(present)} but lacks "
+                          f"{', '.join(missing)}; start the job with torchrun")
     return LaunchInfo(rank=int(env.get("RANK", 0)), world_size=int(env.get("WORLD_SIZE", 1)),
                       local_rank=int(env.get("LOCAL_RANK", 0)),
                       master_addr=env.get("MASTER_ADDR", "127.0.0.1"),
                       master_port=int(port or env.get("MASTER_PORT", DEFAULT_PORT)))
+
+
+# ------------------------------------------------------------------------------------------
+# device, process group, seeds
 
 
 def pick_device(local_rank: int) -> torch.device:
@@ -75,12 +142,20 @@ def pick_device(local_rank: int) -> torch.device:
     return torch.device("cpu")
 
 
+def choose_backend(device: torch.device) -> str:
+    """NCCL for GPUs, gloo for CPUs."""
+    return "nccl" if device.type == "cuda" else "gloo"
+
+
 def init_process_group(info: LaunchInfo, device: torch.device, timeout_s: float = 1800) -> None:
-    """NCCL with GPUs, gloo on CPU; nothing to do for a single process."""
+    """Join the job's process group (nothing to do for a single process).
+
+    ``timeout_s`` bounds every collective: a rank that waits longer fails instead of hanging.
+    """
     if info.world_size == 1 or dist.is_initialized():
         return
-    backend = "nccl" if device.type == "cuda" else "gloo"
-    dist.init_process_group(backend=backend, rank=info.rank, world_size=info.world_size,
+    dist.init_process_group(backend=choose_backend(device), rank=info.rank,
+                            world_size=info.world_size,
                             init_method=f"tcp://{info.master_addr}:{info.master_port}",
                             timeout=datetime.timedelta(seconds=timeout_s))
 

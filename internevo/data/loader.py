@@ -133,8 +133,11 @@ class _PackedSource:
     def batches(self, state: dict, num_worker: int) -> Iterator[tuple[Batch, dict]]:
         producer, shadow = self._sampler(state), self._sampler(state)
         if num_worker > 0:
+            # A private generator: DataLoader otherwise draws its worker base seed from the
+            # global torch RNG, so a resumed run's dropout stream would differ (not bitwise).
             loader: Iterable[Batch] = torch.utils.data.DataLoader(
-                self.packs, batch_sampler=producer, num_workers=num_worker, collate_fn=collate)
+                self.packs, batch_sampler=producer, num_workers=num_worker, collate_fn=collate,
+                generator=torch.Generator())
         else:
             loader = (collate([self.packs[i] for i in idx]) for idx in producer)
         for batch in loader:

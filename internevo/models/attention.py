@@ -21,7 +21,7 @@ except ImportError:  # pragma: no cover - depends on the environment
     _flash_varlen = None
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)  # eq would compare tensors; identity is what matters
 class Segments:
     """Segment boundaries of one packed row, computed once per forward and shared by all layers.
 

@@ -1,13 +1,14 @@
 """Apply parallelism to a single-device model, in one fixed order, and build what depends on it.
 
-Order: build the full model (layout-independent initial weights) -> tensor / sequence parallel
--> activation checkpointing -> FSDP -> move to the device.  The optimizer and the loss are chosen
+Order: build the full model (layout-independent initial weights; on the meta device under FSDP)
+-> tensor / sequence parallel -> activation checkpointing -> FSDP (shard, materialise, initialise)
+or move to the device.  The optimizer and the loss are chosen
 to match (ZeRO-1.5 flat shards or FSDP's own shards; plain or vocab-parallel cross entropy).
 """
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -15,8 +16,9 @@ from torch import nn
 from internevo.config import TrainConfig
 from internevo.models.registry import apply_activation_checkpointing, build_model
 from internevo.parallel.comm import Comm
+from internevo.parallel.fsdp import FSDPOptimizer, shard_model
 from internevo.parallel.layout import ParallelLayout
-from internevo.parallel.zero import HybridZeroOptimizer
+from internevo.parallel.zero import HybridZeroOptimizer, ShardedAdamW
 from internevo.train.loss import lm_loss
 from internevo.train.schedules import LossScaler
 
@@ -24,16 +26,20 @@ from internevo.train.schedules import LossScaler
 def parallelize(cfg: TrainConfig, layout: ParallelLayout, comm: Comm, device: torch.device,
                 seed: int) -> nn.Module:
     """Build the model for this rank with every configured parallel mode applied."""
-    model = build_model(cfg, seed=seed)
+    model = build_model(cfg, seed=seed, device="meta" if layout.fsdp else "cpu")
     if cfg.model.checkpoint:
         apply_activation_checkpointing(model, cfg.model.checkpoint)
+    if layout.fsdp:
+        return shard_model(model, cfg, layout, comm, device, seed)
     return model.to(device)
 
 
 def build_optimizer(model: nn.Module, cfg: TrainConfig, layout: ParallelLayout, comm: Comm,
-                    scaler: LossScaler) -> HybridZeroOptimizer:
-    """The optimizer matching how the parameters are sharded."""
+                    scaler: LossScaler) -> ShardedAdamW:
+    """The optimizer matching how the parameters are sharded (FSDP's shards or ZeRO-1.5's)."""
     params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    if layout.fsdp:
+        return FSDPOptimizer(model, params, cfg, layout, comm, scaler)
     return HybridZeroOptimizer(params, cfg, layout, comm, scaler)
 
 

@@ -5,12 +5,18 @@ bytes: the size of the full tensor the collective is about — the reduced tenso
 broadcast, the unsharded input for reduce-scatter, the unsharded output for all-gather, the input
 for all-to-all.  What a ring implementation actually sends per rank follows from it
 (:func:`wire_bytes`).  A group of one rank is a no-op and is not counted.
+
+Collectives that PyTorch issues on our behalf are routed here too: FSDP2's all-gathers and
+reduce-scatters run through :class:`Comm` via its custom-collective hooks, which pass FSDP's own
+process group as ``process_group`` (same members as the named group, so they are counted under
+that name); see ``parallel/fsdp.py``.  The bytes per step of every mode: docs/parallel.md.
 """
 
 from __future__ import annotations
 
+import math
 from collections import defaultdict
-from typing import Optional
+from typing import Any, Optional, Union
 
 import torch
 import torch.distributed as dist
@@ -23,6 +29,14 @@ _OPS = {
     "max": dist.ReduceOp.MAX,
     "min": dist.ReduceOp.MIN,
 }
+
+
+Op = Union[str, Any]
+"""A reduction: ``"sum" | "avg" | "max" | "min"`` or a ``torch.distributed.ReduceOp``."""
+
+
+def _op(op: Op) -> Any:
+    return _OPS[op] if isinstance(op, str) else op
 
 
 def wire_bytes(kind: str, payload: int, group_size: int) -> float:
@@ -43,8 +57,16 @@ class Comm:
 
     # ------------------------------------------------------------------------------ counting
     def _record(self, kind: str, group: str, tensor: torch.Tensor) -> None:
+        self.record(kind, group, tensor.numel() * tensor.element_size())
+
+    def record(self, kind: str, group: str, nbytes: int) -> None:
+        """Count one ``kind`` collective of ``nbytes`` payload on ``group`` that ran elsewhere.
+
+        Used where PyTorch issues the collective itself and only lets us observe it (the
+        all-reduce of FSDP2's hybrid sharding, seen through its all-reduce hook).
+        """
         self.calls[(kind, group)] += 1
-        self.bytes[(kind, group)] += tensor.numel() * tensor.element_size()
+        self.bytes[(kind, group)] += nbytes
 
     def reset(self) -> None:
         """Forget the counts (called at the start of each step)."""
@@ -73,37 +95,44 @@ class Comm:
         return "\n".join(lines)
 
     # ----------------------------------------------------------------------------- collectives
-    def _group(self, name: str):
-        return self.layout.group(name)
+    def _group(self, name: str, process_group: Any = None) -> Any:
+        """The process group to use: ``process_group`` if given (None when it has one member)."""
+        if process_group is None:
+            return self.layout.group(name)
+        return process_group if process_group.size() > 1 else None
 
-    def all_reduce(self, tensor: torch.Tensor, group: str, op: str = "sum",
+    def all_reduce(self, tensor: torch.Tensor, group: str, op: Op = "sum",
                    async_op: bool = False) -> Optional[dist.Work]:
         """In-place all-reduce of ``tensor`` over ``group``."""
         pg = self._group(group)
         if pg is None:
             return None
         self._record("all_reduce", group, tensor)
-        return dist.all_reduce(tensor, op=_OPS[op], group=pg, async_op=async_op)
+        return dist.all_reduce(tensor, op=_op(op), group=pg, async_op=async_op)
 
     def reduce_scatter(self, output: torch.Tensor, input: torch.Tensor, group: str,
-                       op: str = "sum", async_op: bool = False) -> Optional[dist.Work]:
-        """Reduce ``input`` over ``group`` and keep this rank's equal slice in ``output``."""
-        pg = self._group(group)
+                       op: Op = "sum", async_op: bool = False,
+                       process_group: Any = None) -> Optional[dist.Work]:
+        """Reduce ``input`` over ``group`` and keep this rank's equal slice in ``output``.
+
+        ``process_group`` replaces the layout's group of that name (FSDP2 brings its own).
+        """
+        pg = self._group(group, process_group)
         if pg is None:
             output.copy_(input)
             return None
         self._record("reduce_scatter", group, input)
-        return dist.reduce_scatter_tensor(output, input, op=_OPS[op], group=pg, async_op=async_op)
+        return dist.reduce_scatter_single(output, input, op=_op(op), group=pg, async_op=async_op)
 
     def all_gather(self, output: torch.Tensor, input: torch.Tensor, group: str,
-                   async_op: bool = False) -> Optional[dist.Work]:
+                   async_op: bool = False, process_group: Any = None) -> Optional[dist.Work]:
         """Concatenate every rank's ``input`` along dim 0 into ``output``."""
-        pg = self._group(group)
+        pg = self._group(group, process_group)
         if pg is None:
             output.copy_(input)
             return None
         self._record("all_gather", group, output)
-        return dist.all_gather_into_tensor(output, input, group=pg, async_op=async_op)
+        return dist.all_gather_single(output, input, group=pg, async_op=async_op)
 
     def broadcast(self, tensor: torch.Tensor, group: str, src_in_group: int = 0) -> None:
         """Broadcast ``tensor`` from the group's ``src_in_group``-th member."""
@@ -126,3 +155,64 @@ class Comm:
         """Barrier over the world (not counted: no payload)."""
         if self._group("world") is not None:
             dist.barrier()
+
+
+# --------------------------------------------------------------------------------------------
+# analytic volumes (docs/parallel.md derives them; tests compare them with the counts)
+
+
+def analytic_step_bytes(cfg: Any, layout: ParallelLayout, shapes: dict[str, tuple[int, ...]],
+                        blocks: list[str], micro_num: int) -> dict[str, int]:
+    """Payload bytes per successful training step, as ``{"comm/<kind>/<group>/bytes": n}``.
+
+    ``shapes`` maps parameter names to full (tensor-parallel-local) shapes, ``blocks`` the module
+    names of the transformer blocks (FSDP's units; the root owns the rest).  Assumes every
+    parameter is in the model dtype and tensor = pipeline = 1 for FSDP.
+    """
+    from internevo.models.registry import model_dtype
+
+    g = torch.empty(0, dtype=model_dtype(cfg)).element_size()
+    zo, replicas = layout.zero1, layout.data // layout.zero1
+    if layout.fsdp:
+        volumes = _fsdp_volumes(shapes, blocks, zo, micro_num, g)
+    else:
+        volumes = _zero_volumes(cfg, shapes, zo, g)
+    out = {}
+    for (kind, group), n in volumes.items():
+        size = {"zero1": zo, "zero1_replica": replicas}.get(group, 0)
+        if n and size > 1:
+            out[f"comm/{kind}/{group}/bytes"] = n
+    out["comm/all_reduce/zero1/bytes"] = 8 if zo > 1 else 0  # fp64 squared gradient norm
+    if layout.tensor > 1:
+        out["comm/all_reduce/tensor/bytes"] = 8
+    if layout.data > 1:
+        out["comm/all_reduce/data/bytes"] = 8  # the logged loss (fp64)
+    return {k: v for k, v in sorted(out.items()) if v}
+
+
+def _zero_volumes(cfg: Any, shapes: dict[str, tuple[int, ...]], zo: int,
+                  g: int) -> dict[tuple[str, str], int]:
+    """ZeRO-1.5: reduce-scatter + all-gather of padded buckets, replica all-reduce of a shard."""
+    from internevo.parallel.zero import plan_buckets
+
+    numels = [math.prod(s) for s in shapes.values()]
+    padded = sum(b.shard * zo for b in plan_buckets(
+        numels, cfg.hybrid_zero_optimizer.reduce_bucket_size, zo))
+    return {("reduce_scatter", "zero1"): padded * g, ("all_gather", "zero1"): padded * g,
+            ("all_reduce", "zero1_replica"): padded // zo * g}
+
+
+def _fsdp_volumes(shapes: dict[str, tuple[int, ...]], blocks: list[str], zo: int,
+                  micro_num: int, g: int) -> dict[tuple[str, str], int]:
+    """FSDP2: per micro-batch all units gathered in forward, blocks again in backward; fp32
+    gradients reduce-scattered (and all-reduced across replicas) once, in the last backward."""
+    def padded(name: str) -> int:  # FSDP2 pads dim 0 to a multiple of the shard-group size
+        shape = shapes[name]
+        return math.ceil(shape[0] / zo) * zo * math.prod(shape[1:])
+
+    in_block = [n for n in shapes if any(n.startswith(b + ".") for b in blocks)]
+    block_elems = sum(padded(n) for n in in_block)
+    all_elems = sum(padded(n) for n in shapes)
+    return {("all_gather", "zero1"): micro_num * (all_elems + block_elems) * g,
+            ("reduce_scatter", "zero1"): all_elems * 4,
+            ("all_reduce", "zero1_replica"): all_elems // zo * 4}

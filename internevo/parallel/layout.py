@@ -9,6 +9,11 @@ Every group is sliced from that grid.  ZeRO-1.5 cuts each data-parallel group in
 ``zero1`` consecutive data ranks (``zero1`` groups: optimizer states are sharded inside a block)
 and links the ranks holding the same shard across blocks (``zero1_replica`` groups: gradients are
 summed across blocks, states are replicated).
+
+The same grid as a 4-D ``DeviceMesh`` (for FSDP2 and DTensor) is :meth:`ParallelLayout.device_mesh`,
+with dimensions ``("pipeline", "zero1_replica", "zero1", "tensor")``: row-major over those
+dimensions it enumerates the global ranks in order, so each mesh dimension's groups are exactly
+the layout's groups of that name.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ from typing import Any, Optional
 from internevo.config import ConfigError, TrainConfig
 
 GROUP_NAMES = ("world", "tensor", "data", "pipeline", "zero1", "zero1_replica")
+MESH_DIMS = ("pipeline", "zero1_replica", "zero1", "tensor")
 
 
 @dataclass
@@ -42,6 +48,7 @@ class ParallelLayout:
     """Parameters and gradients sharded with FSDP2 over the zero1 group."""
     groups: dict[str, Any] = field(default_factory=dict, repr=False)
     """Process groups by name (only those of more than one rank, filled by ``build_groups``)."""
+    _mesh: Any = field(default=None, repr=False)
 
     # ------------------------------------------------------------------------------- sizes
     @property
@@ -97,7 +104,7 @@ class ParallelLayout:
 
     # ------------------------------------------------------------------------- construction
     @classmethod
-    def from_config(cls, cfg: TrainConfig, world_size: int, rank: int) -> "ParallelLayout":
+    def from_config(cls, cfg: TrainConfig, world_size: int, rank: int) -> ParallelLayout:
         """Validate the ``parallel`` section against ``world_size`` and resolve derived sizes."""
         p = cfg.parallel
         where = f"{cfg.source or '<config>'}: parallel"
@@ -120,7 +127,7 @@ class ParallelLayout:
         return cls(world_size=world_size, rank=rank, tensor=tp, pipeline=pp, zero1=zo,
                    tensor_mode=p.tensor.mode, fsdp=p.zero1.fsdp)
 
-    def build_groups(self) -> "ParallelLayout":
+    def build_groups(self) -> ParallelLayout:
         """Create the process groups (every rank creates every group, in the same order)."""
         import torch.distributed as dist
 
@@ -133,11 +140,25 @@ class ParallelLayout:
                     self.groups[name] = group
         return self
 
+    def device_mesh(self, device_type: str = "cpu") -> Any:
+        """The rank grid as a DeviceMesh with dims :data:`MESH_DIMS` (built once, collectively).
+
+        Every rank must call it (it creates one process group per mesh slice).  Slice it by name,
+        e.g. ``mesh["zero1_replica", "zero1"]`` for hybrid sharding.
+        """
+        if self._mesh is None:
+            from torch.distributed.device_mesh import init_device_mesh
+
+            shape = (self.pipeline, self.data // self.zero1, self.zero1, self.tensor)
+            self._mesh = init_device_mesh(device_type, shape, mesh_dim_names=MESH_DIMS)
+        return self._mesh
+
     def describe(self) -> str:
         """One line for the log: sizes and this rank's coordinates."""
         return (f"world={self.world_size} dp={self.data} tp={self.tensor}({self.tensor_mode}) "
                 f"pp={self.pipeline} zero1={self.zero1}{' fsdp' if self.fsdp else ''} | rank "
-                f"{self.rank}: dp_rank={self.dp_rank} tp_rank={self.tp_rank} pp_rank={self.pp_rank}")
+                f"{self.rank}: dp_rank={self.dp_rank} tp_rank={self.tp_rank} "
+                f"pp_rank={self.pp_rank}")
 
 
 def _check_divisible_by_tensor(cfg: TrainConfig, tp: int, where: str) -> None:

@@ -13,8 +13,9 @@ import socket
 import tempfile
 import time
 import traceback
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch.multiprocessing as mp
 
@@ -64,7 +65,7 @@ def spawn_ranks(fn: Callable[..., Any], world_size: int, *args: Any,
         deadline = time.monotonic() + timeout
         files = [Path(out_dir) / f"rank{r}.pkl" for r in range(world_size)]
         while not all(f.exists() for f in files) and time.monotonic() < deadline:
-            if any(p.exitcode not in (None, 0) for p in procs) and not all(f.exists() for f in files):
+            if any(p.exitcode not in (None, 0) for p in procs):
                 time.sleep(1.0)  # a rank died; give the others a moment to report, then stop
                 break
             time.sleep(0.05)

@@ -1,30 +1,45 @@
-"""HybridZeroOptimizer: fp32 master weights and AdamW states sharded over zero1 groups (ZeRO-1.5).
+"""Sharded AdamW: the core every sharding mode shares, and HybridZeroOptimizer (ZeRO-1.5).
 
-All trainable parameters (their local tensor-parallel shards) are viewed as one flat vector,
-padded to a multiple of ``zero1`` and cut into equal contiguous shards; zero1-rank ``r`` owns
-shard ``r`` and keeps its fp32 master copy and AdamW moments, so optimizer-state bytes per rank
-are exactly ``total / zero1`` (plus < zero1 padding elements).
+:class:`ShardedAdamW` holds what does not depend on how the fp32 master weights are laid out: the
+global gradient norm, overflow skipping, unscaling and clipping, the AdamW update and a
+per-parameter checkpoint format.  :class:`HybridZeroOptimizer` (here) and
+:class:`~internevo.parallel.fsdp.FSDPOptimizer` only say where masters and gradients live.
+
+ZeRO-1.5 layout.  The trainable parameters (their local tensor-parallel shards) are cut into
+buckets of at most ``hybrid_zero_optimizer.reduce_bucket_size`` elements, in reverse registration
+order (the order backward produces gradients).  Each bucket is one flat vector padded to a multiple
+of ``zero1`` and cut into ``zero1`` equal contiguous shards; zero1-rank ``r`` owns shard ``r`` of
+every bucket and keeps its fp32 master copy and AdamW moments (one flat tensor, the owned shards
+back to back), so optimizer-state bytes per rank are exactly ``total / zero1`` plus fewer than
+``zero1`` padding elements per bucket.
 
 One step (gradients were accumulated over ``micro_num`` backward passes without communication):
 
-1. flatten the gradients (model dtype) and **reduce-scatter** them (AVG) inside the zero1 group;
-2. **all-reduce** (AVG) the shard across zero1 replicas (data ranks holding the same shard) —
-   together this averages over the whole data-parallel group;
-3. global gradient norm: local sum of squares, SUM-all-reduced over zero1 and tensor groups;
-4. non-finite norm -> skip the update on every rank (all ranks see the same norm) and back off the
+1. per bucket, **reduce-scatter** (AVG) the flat gradient (model dtype) inside the zero1 group,
+   then **all-reduce** (AVG) the shard across zero1 replicas (data ranks holding the same shard) —
+   together an average over the whole data-parallel group (with ``zero1 == 1`` only the all-reduce
+   over data parallel remains).  With ``overlap_sync_grad`` a bucket's first collective starts
+   asynchronously from a post-accumulate-grad hook as soon as the last micro-step's backward has
+   produced all its gradients; ``step`` waits for it;
+2. global gradient norm: local sum of squares, SUM-all-reduced over the zero1 and tensor groups;
+3. non-finite norm -> skip the update on every rank (all ranks see the same norm) and back off the
    loss scale; otherwise unscale and clip, AdamW on the master shard;
-5. **all-gather** the updated shard (model dtype) inside the zero1 group into the parameters.
+4. per bucket, **all-gather** the updated shard (model dtype) inside the zero1 group into the
+   parameters.
 
 Per step and rank the payload is ``N·g`` (reduce-scatter) + ``N·g/zo`` (replica all-reduce, only
 when zo < dp) + ``N·g`` (all-gather), with ``N`` padded elements and ``g`` bytes per element of the
-model dtype; InternEvo's all-reduce + broadcast moves the same gradient volume twice.
+model dtype; InternEvo's all-reduce + broadcast moves ``2·N·g + N·g``.  docs/parallel.md has the
+comparison and the formulas of every mode.
 """
 
 from __future__ import annotations
 
+import functools
 import math
-from dataclasses import dataclass
-from typing import Callable
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Optional
 
 import torch
 from torch import nn
@@ -64,148 +79,338 @@ def is_tensor_sharded(p: torch.Tensor) -> bool:
     return isinstance(p, DTensor) and any(pl.is_shard() for pl in p.placements)
 
 
-class HybridZeroOptimizer:
-    """AdamW over flat fp32 master shards, with clipping, loss scaling and overflow skipping."""
+# ------------------------------------------------------------------------------------------
+# the shared core
 
-    def __init__(self, named_params: list[tuple[str, nn.Parameter]], cfg: TrainConfig,
-                 layout: ParallelLayout, comm: Comm, scaler: LossScaler):
+
+class ShardedAdamW:
+    """AdamW on this rank's fp32 master tensors, with clipping, loss scaling and overflow skipping.
+
+    Subclasses lay out the masters and implement :meth:`reduce_gradients` (the fp32 gradient of
+    each master, averaged over data parallel), :meth:`after_update`, and the two conversions
+    between masters-shaped tensors and full per-parameter tensors (:meth:`gather_full`,
+    :meth:`shard_full`) that make checkpoints independent of the layout.
+    """
+
+    def __init__(self, named_params: list[tuple[str, nn.Parameter]], masters: list[torch.Tensor],
+                 cfg: TrainConfig, layout: ParallelLayout, comm: Comm, scaler: LossScaler):
         self.names = [n for n, _ in named_params]
         self.params = [p for _, p in named_params]
         self.layout, self.comm, self.scaler = layout, comm, scaler
         self.clip = cfg.hybrid_zero_optimizer.clip_grad_norm
-        self.numels = [local_tensor(p).numel() for p in self.params]
-        self.total = sum(self.numels)
-        self.shard_size = math.ceil(self.total / layout.zero1)
+        self.masters = masters
+        self.norm_weights: list[Optional[torch.Tensor]] = [None] * len(masters)
+        """Per master: weights of each element in the gradient norm (None = all 1)."""
         self.pre_reduce_hooks: list[Callable[[], None]] = []
         """Called at the start of :meth:`step` (e.g. tensor-parallel norm-gradient reduction)."""
-        self.master = self._flat_params(torch.float32)[self._my_slice()].clone()
-        self.inner = torch.optim.AdamW([self.master], lr=cfg.adam.lr, eps=cfg.adam.adam_eps,
+        self.inner = torch.optim.AdamW(masters, lr=cfg.adam.lr, eps=cfg.adam.adam_eps,
                                        betas=(cfg.adam.adam_beta1, cfg.init_beta2),
                                        weight_decay=cfg.adam.weight_decay)
-        self.inner.state[self.master] = {"step": torch.tensor(0.0),
-                                         "exp_avg": torch.zeros_like(self.master),
-                                         "exp_avg_sq": torch.zeros_like(self.master)}
-        self._norm_weight = self._build_norm_weight()
+        for m in masters:  # allocated now so that state bytes and checkpoints exist from step 0
+            self.inner.state[m] = {"step": torch.tensor(0.0), "exp_avg": torch.zeros_like(m),
+                                   "exp_avg_sq": torch.zeros_like(m)}
 
-    # -------------------------------------------------------------------------- flat views
-    def _my_slice(self) -> slice:
-        start = self.layout.zero1_rank * self.shard_size
-        return slice(start, start + self.shard_size)
+    # ------------------------------------------------------------------ what subclasses define
+    def start_micro_step(self, last: bool) -> None:
+        """Called before each micro-batch; ``last`` marks the one whose backward ends the step."""
 
-    def _flat(self, tensors: list[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
-        flat = torch.zeros(self.shard_size * self.layout.zero1, dtype=dtype)
-        torch.cat([t.reshape(-1).to(dtype) for t in tensors], out=flat[: self.total])
-        return flat
+    def reduce_gradients(self) -> list[torch.Tensor]:
+        """This rank's fp32 gradient of each master, averaged over data parallel."""
+        raise NotImplementedError
 
-    def _flat_params(self, dtype: torch.dtype) -> torch.Tensor:
-        return self._flat([local_tensor(p.detach()) for p in self.params], dtype)
+    def after_update(self) -> None:
+        """Bring the model parameters up to date after a successful update."""
 
-    def _split(self, flat: torch.Tensor) -> list[torch.Tensor]:
-        """Views of a full flat vector shaped like each local parameter."""
-        pieces = torch.split(flat[: self.total], self.numels)
-        return [v.view(local_tensor(p).shape) for v, p in zip(pieces, self.params)]
+    def gather_full(self, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Masters-shaped ``tensors`` -> one full (tensor-parallel-local) tensor per parameter."""
+        raise NotImplementedError
 
-    def _build_norm_weight(self) -> torch.Tensor | None:
-        """Tensor-replicated params would be counted ``tp`` times in the norm: count them once."""
-        if self.layout.tensor == 1 or self.layout.tp_rank == 0:
-            return None
-        weights = [torch.full((n,), 0.0 if not is_tensor_sharded(p) else 1.0)
-                   for p, n in zip(self.params, self.numels)]
-        return self._flat(weights, torch.float32)[self._my_slice()]
+    def shard_full(self, fulls: list[torch.Tensor]) -> list[torch.Tensor]:
+        """One full tensor per parameter -> this rank's part of each master."""
+        raise NotImplementedError
 
-    # ----------------------------------------------------------------------------- stepping
+    def refresh_masters_from_params(self) -> None:
+        """After loading model weights only: masters take the (possibly lower-precision) weights."""
+        raise NotImplementedError
+
+    # ---------------------------------------------------------------------------- stepping
     def zero_grad(self) -> None:
         """Drop the parameters' gradients."""
         for p in self.params:
             p.grad = None
 
-    def reduce_gradients(self) -> torch.Tensor:
-        """Average gradients over data parallel; returns this rank's fp32 gradient shard."""
-        grads = [local_tensor(p.grad) if p.grad is not None else torch.zeros_like(local_tensor(p))
-                 for p in self.params]
-        grad_dtype = grads[0].dtype if grads else torch.float32
-        flat = self._flat(grads, grad_dtype)
-        shard = torch.empty(self.shard_size, dtype=grad_dtype)
-        self.comm.reduce_scatter(shard, flat, "zero1", op="avg")
-        self.comm.all_reduce(shard, "zero1_replica", op="avg")
-        return shard.float()
-
-    def global_grad_norm(self, shard: torch.Tensor) -> float:
-        """L2 norm of the full (unscaled by nothing) gradient over all shards and tensor ranks."""
-        sq = shard.square() if self._norm_weight is None else shard.square() * self._norm_weight
-        total = sq.sum(dtype=torch.float64).reshape(1)
+    def global_grad_norm(self, grads: list[torch.Tensor]) -> float:
+        """L2 norm of the whole gradient: every shard, every tensor-parallel rank, counted once."""
+        total = torch.zeros(1, dtype=torch.float64)
+        for grad, weight in zip(grads, self.norm_weights):
+            sq = local_tensor(grad).square()
+            total += (sq if weight is None else sq * weight).sum(dtype=torch.float64)
         self.comm.all_reduce(total, "zero1")
         self.comm.all_reduce(total, "tensor")
-        return math.sqrt(total.item()) if math.isfinite(total.item()) else float(total.item())
+        value = total.item()
+        return math.sqrt(value) if math.isfinite(value) else value
 
+    @torch.no_grad()
     def step(self, lr: float, beta2: float) -> StepOutcome:
         """Reduce, check, clip and apply one AdamW update; skip it on non-finite gradients."""
         for hook in self.pre_reduce_hooks:
             hook()
         scale = self.scaler.scale
-        shard = self.reduce_gradients()
-        norm = self.global_grad_norm(shard)
+        grads = self.reduce_gradients()
+        norm = self.global_grad_norm(grads)
         self.zero_grad()
-        if not math.isfinite(norm):
+        if not math.isfinite(norm):  # the same norm on every rank: every rank skips
             self.scaler.update(overflow=True)
             return StepOutcome(False, norm / scale, scale)
         norm /= scale
         divisor = scale * max(1.0, norm / self.clip) if self.clip > 0 else scale
-        self.master.grad = shard.div_(divisor) if divisor != 1.0 else shard
+        self._adamw(grads, divisor, lr, beta2)
+        self.scaler.update(overflow=False)
+        self.after_update()
+        return StepOutcome(True, norm, scale)
+
+    def _adamw(self, grads: list[torch.Tensor], divisor: float, lr: float, beta2: float) -> None:
+        """Unscale + clip (one division) and run the inner AdamW on the masters."""
+        if divisor != 1.0:
+            torch._foreach_div_([local_tensor(g) for g in grads], divisor)
+        for master, grad in zip(self.masters, grads):
+            master.grad = grad
         group = self.inner.param_groups[0]
         group["lr"], group["betas"] = lr, (group["betas"][0], beta2)
         self.inner.step()
-        self.master.grad = None
-        self.scaler.update(overflow=False)
-        self.gather_params()
-        return StepOutcome(True, norm, scale)
-
-    @torch.no_grad()
-    def gather_params(self) -> None:
-        """Copy the updated master shards (all zero1 ranks) into the model parameters."""
-        dtype = local_tensor(self.params[0]).dtype
-        full = torch.empty(self.shard_size * self.layout.zero1, dtype=dtype)
-        self.comm.all_gather(full, self.master.to(dtype), "zero1")
-        targets = [local_tensor(p) for p in self.params]
-        torch._foreach_copy_(targets, [v.to(t.dtype) for v, t in zip(self._split(full), targets)])
+        for master in self.masters:
+            master.grad = None
 
     # ------------------------------------------------------------------------- checkpoints
+    def _state_tensors(self) -> dict[str, list[torch.Tensor]]:
+        states = [self.inner.state[m] for m in self.masters]
+        return {"master": list(self.masters), "exp_avg": [s["exp_avg"] for s in states],
+                "exp_avg_sq": [s["exp_avg_sq"] for s in states]}
+
     def state_dict(self) -> dict:
-        """Per-parameter master weights and AdamW moments (full local shapes, DTensor under TP).
+        """Per-parameter fp32 master weights and AdamW moments, in full (tensor-parallel-local)
+        shapes, gathered over zero1, so that a checkpoint does not depend on zero1 / dp / FSDP.
 
-        Gathered over the zero1 group so that a checkpoint does not depend on zero1 / dp sizes.
+        ``{"params": {name: {"master", "exp_avg", "exp_avg_sq"}}, "step": float, "scaler": dict}``.
         """
-        state = self.inner.state[self.master]
-        flats = {"master": self.master, "exp_avg": state["exp_avg"],
-                 "exp_avg_sq": state["exp_avg_sq"]}
         per_param: dict[str, dict[str, torch.Tensor]] = {n: {} for n in self.names}
-        for key, shard in flats.items():
-            full = torch.empty(self.shard_size * self.layout.zero1, dtype=torch.float32)
-            self.comm.all_gather(full, shard.detach(), "zero1")
-            for name, p, view in zip(self.names, self.params, self._split(full)):
-                per_param[name][key] = _like_param(view.clone(), p)
-        return {"params": per_param, "step": float(state["step"]), "scaler": self.scaler.state_dict()}
+        for key, tensors in self._state_tensors().items():
+            for name, full in zip(self.names, self.gather_full(tensors)):
+                per_param[name][key] = full
+        step = float(self.inner.state[self.masters[0]]["step"])
+        return {"params": per_param, "step": step, "scaler": self.scaler.state_dict()}
 
+    @torch.no_grad()
     def load_state_dict(self, sd: dict) -> None:
-        """Restore masters and moments from :meth:`state_dict` output (any zero1 / dp layout)."""
-        state = self.inner.state[self.master]
-        targets = {"master": self.master, "exp_avg": state["exp_avg"],
-                   "exp_avg_sq": state["exp_avg_sq"]}
-        for key, target in targets.items():
-            tensors = [local_tensor(sd["params"][n][key]) for n in self.names]
-            target.copy_(self._flat(tensors, torch.float32)[self._my_slice()])
-        state["step"].fill_(sd["step"])
+        """Restore masters and moments from :meth:`state_dict` output (any zero1 / dp / FSDP)."""
+        for key, targets in self._state_tensors().items():
+            pieces = self.shard_full([local_tensor(sd["params"][n][key]) for n in self.names])
+            for target, piece in zip(targets, pieces):
+                local_tensor(target).copy_(piece)
+        for m in self.masters:
+            self.inner.state[m]["step"].fill_(sd["step"])
         self.scaler.load_state_dict(sd["scaler"])
-
-    def refresh_masters_from_params(self) -> None:
-        """After loading model weights only: masters take the (possibly lower-precision) weights."""
-        self.master.copy_(self._flat_params(torch.float32)[self._my_slice()])
 
     def state_bytes(self) -> int:
         """Bytes of optimizer state this rank holds (fp32 master + two AdamW moments)."""
-        state = self.inner.state[self.master]
-        return sum(t.numel() * t.element_size()
-                   for t in (self.master, state["exp_avg"], state["exp_avg_sq"]))
+        return sum(local_tensor(t).numel() * local_tensor(t).element_size()
+                   for tensors in self._state_tensors().values() for t in tensors)
+
+
+# ------------------------------------------------------------------------------------------
+# ZeRO-1.5
+
+
+@dataclass
+class Bucket:
+    """Parameters whose gradients are reduced together (one flat vector, one shard per rank)."""
+
+    indices: list[int]
+    """Parameter indices, in flat order."""
+    numel: int
+    """Elements before padding."""
+    shard: int
+    """Elements per zero1 rank: ``ceil(numel / zero1)``."""
+    offset: int
+    """Start of this bucket's shard inside the rank's flat master."""
+    dtype: torch.dtype = torch.float32
+    """Dtype the gradients and gathered parameters travel in."""
+    ready: int = 0
+    """Parameters whose last-micro-step gradient has arrived (overlap)."""
+    work: Any = None
+    """The pending asynchronous collective, once launched."""
+    buffers: list[torch.Tensor] = field(default_factory=list)
+    """(flat input, shard output) kept alive while the collective runs."""
+
+
+def plan_buckets(numels: list[int], bucket_size: int, zero1: int) -> list[Bucket]:
+    """Greedy buckets of <= ``bucket_size`` elements over the parameters in reverse order.
+
+    Reverse order, because backward produces gradients roughly from the last layer to the first.
+    A parameter larger than ``bucket_size`` gets a bucket of its own.
+    """
+    groups: list[list[int]] = [[]]
+    count = 0
+    for i in reversed(range(len(numels))):
+        if groups[-1] and count + numels[i] > bucket_size:
+            groups.append([])
+            count = 0
+        groups[-1].append(i)
+        count += numels[i]
+    buckets, offset = [], 0
+    for indices in (g for g in groups if g):
+        numel = sum(numels[i] for i in indices)
+        buckets.append(Bucket(indices, numel, math.ceil(numel / zero1), offset))
+        offset += buckets[-1].shard
+    return buckets
+
+
+class HybridZeroOptimizer(ShardedAdamW):
+    """ZeRO-1.5: fp32 masters and AdamW moments sharded over zero1, bucketed gradient reduction."""
+
+    def __init__(self, named_params: list[tuple[str, nn.Parameter]], cfg: TrainConfig,
+                 layout: ParallelLayout, comm: Comm, scaler: LossScaler):
+        params = [p for _, p in named_params]
+        self.numels = [local_tensor(p).numel() for p in params]
+        self.shapes = [local_tensor(p).shape for p in params]
+        self.total = sum(self.numels)
+        hz = cfg.hybrid_zero_optimizer
+        self.buckets = plan_buckets(self.numels, hz.reduce_bucket_size, layout.zero1)
+        for b in self.buckets:
+            b.dtype = functools.reduce(torch.promote_types,
+                                       [local_tensor(params[i]).dtype for i in b.indices])
+        self.shard_size = sum(b.shard for b in self.buckets)
+        self.layout = layout
+        self.params = params
+        self.master = self._to_shards([local_tensor(p.detach()) for p in params], torch.float32)
+        super().__init__(named_params, [self.master], cfg, layout, comm, scaler)
+        self.norm_weights = [self._build_norm_weight()]
+        self.overlap = hz.overlap_sync_grad
+        self._armed = False
+        if self.overlap:
+            for i, p in enumerate(params):
+                p.register_post_accumulate_grad_hook(functools.partial(self._grad_ready, i))
+            self._bucket_of = {i: b for b in self.buckets for i in b.indices}
+
+    # -------------------------------------------------------------------------- flat views
+    def _part(self, b: Bucket) -> slice:
+        """This rank's shard inside bucket ``b``'s padded flat vector."""
+        start = self.layout.zero1_rank * b.shard
+        return slice(start, start + b.shard)
+
+    def _bucket_flat(self, b: Bucket, tensors: list[torch.Tensor],
+                     dtype: torch.dtype) -> torch.Tensor:
+        """Bucket ``b``'s parameters' ``tensors`` as one zero-padded flat vector."""
+        flat = torch.zeros(b.shard * self.layout.zero1, dtype=dtype)
+        torch.cat([tensors[i].reshape(-1).to(dtype) for i in b.indices], out=flat[: b.numel])
+        return flat
+
+    def _to_shards(self, tensors: list[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
+        """Per-parameter ``tensors`` -> this rank's flat shards (master layout)."""
+        return torch.cat([self._bucket_flat(b, tensors, dtype)[self._part(b)]
+                          for b in self.buckets])
+
+    def _gather(self, shards: torch.Tensor,
+                dtype: Optional[torch.dtype] = None) -> list[torch.Tensor]:
+        """Master-layout ``shards`` of every zero1 rank -> per-parameter full tensors.
+
+        One all-gather per bucket, in ``dtype`` (default: the bucket's dtype).
+        """
+        out: list[torch.Tensor] = [torch.empty(0)] * len(self.params)
+        for b in self.buckets:
+            mine = shards[b.offset: b.offset + b.shard].to(dtype or b.dtype)
+            full = mine.new_empty(b.shard * self.layout.zero1)
+            self.comm.all_gather(full, mine, "zero1")
+            pieces = torch.split(full[: b.numel], [self.numels[i] for i in b.indices])
+            for i, piece in zip(b.indices, pieces):
+                out[i] = piece.view(self.shapes[i])
+        return out
+
+    def _build_norm_weight(self) -> Optional[torch.Tensor]:
+        """Tensor-replicated params would be counted ``tp`` times in the norm: count them once."""
+        if self.layout.tensor == 1 or self.layout.tp_rank == 0:
+            return None
+        weights = [torch.full((n,), 1.0 if is_tensor_sharded(p) else 0.0)
+                   for p, n in zip(self.params, self.numels)]
+        return self._to_shards(weights, torch.float32)
+
+    # ------------------------------------------------------------------ gradient reduction
+    def start_micro_step(self, last: bool) -> None:
+        """With ``overlap_sync_grad``, arm the gradient hooks for the last micro-step's backward."""
+        self._armed = self.overlap and last
+        for b in self.buckets:
+            b.ready = 0
+
+    def _grad_ready(self, index: int, param: torch.Tensor) -> None:
+        """Post-accumulate-grad hook: launch a bucket once all its gradients are final."""
+        if not self._armed:
+            return
+        b = self._bucket_of[index]
+        b.ready += 1
+        if b.ready == len(b.indices):
+            self._launch(b)
+            for i in b.indices:  # copied into the bucket: the full-size gradients can go
+                self.params[i].grad = None
+
+    def _launch(self, b: Bucket) -> None:
+        """Start averaging bucket ``b``: reduce-scatter in zero1 (all-reduce when zero1 == 1)."""
+        flat = self._bucket_flat(b, self._bucket_grads(b), b.dtype)
+        if self.layout.zero1 == 1:
+            b.buffers, b.work = [flat], self.comm.all_reduce(flat, "zero1_replica", op="avg",
+                                                             async_op=True)
+        else:
+            shard = flat.new_empty(b.shard)
+            b.buffers = [flat, shard]
+            b.work = self.comm.reduce_scatter(shard, flat, "zero1", op="avg", async_op=True)
+
+    def _bucket_grads(self, b: Bucket) -> list[torch.Tensor]:
+        """Per-parameter gradients of bucket ``b`` (zeros where a parameter got none)."""
+        grads: list[torch.Tensor] = [torch.empty(0)] * len(self.params)
+        for i in b.indices:
+            grad = self.params[i].grad
+            grads[i] = local_tensor(grad) if grad is not None else torch.zeros(self.shapes[i])
+        return grads
+
+    def _finish(self, b: Bucket) -> torch.Tensor:
+        """Wait for bucket ``b``'s first collective, finish the average, return the fp32 shard."""
+        if not b.buffers:  # never launched: no hook fired (overlap off, or unused parameters)
+            self._launch(b)
+        if b.work is not None:
+            b.work.wait()
+        shard = b.buffers[-1]
+        if self.layout.zero1 > 1:
+            self.comm.all_reduce(shard, "zero1_replica", op="avg")
+        b.buffers, b.work = [], None
+        return shard.float()
+
+    def reduce_gradients(self) -> list[torch.Tensor]:
+        """Average gradients over data parallel; returns this rank's fp32 gradient shard."""
+        self._armed = False
+        return [torch.cat([self._finish(b) for b in self.buckets])]
+
+    # ----------------------------------------------------------------- parameters, checkpoints
+    @torch.no_grad()
+    def after_update(self) -> None:
+        """Copy the updated master shards (all zero1 ranks) into the model parameters."""
+        targets = [local_tensor(p) for p in self.params]
+        gathered = self._gather(self.master)
+        torch._foreach_copy_(targets, [v.to(t.dtype) for v, t in zip(gathered, targets)])
+
+    gather_params = after_update
+
+    def gather_full(self, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Full fp32 per-parameter tensors (DTensor under tensor parallel) from flat shards."""
+        views = self._gather(tensors[0].detach(), torch.float32)
+        return [_like_param(v.clone(), p) for v, p in zip(views, self.params)]
+
+    def shard_full(self, fulls: list[torch.Tensor]) -> list[torch.Tensor]:
+        """This rank's flat shard of per-parameter full tensors."""
+        return [self._to_shards(fulls, torch.float32)]
+
+    @torch.no_grad()
+    def refresh_masters_from_params(self) -> None:
+        """After loading model weights only: masters take the (possibly lower-precision) weights."""
+        self.master.copy_(self._to_shards([local_tensor(p) for p in self.params], torch.float32))
 
 
 def _like_param(t: torch.Tensor, p: torch.Tensor) -> torch.Tensor:

@@ -1,21 +1,757 @@
-"""Checkpoints: saving cadence, auto-resume and the stop file (being extended to DCP)."""
+"""Checkpoints with ``torch.distributed.checkpoint`` (DCP): cadence, resume, stop file, loading.
+
+One checkpoint is one folder ``<save_ckpt_folder>/<step>/`` (``step`` = successful updates)::
+
+    .metadata  __<r>_0.distcp    DCP: ``model.<name>`` and ``optimizer.params.<name>.<key>`` tensors
+    meta.json                    format, step, train state, schedules, optimizer scalars, layout
+    model_config.json            the run's ``model`` section
+    config.py                    the run's config file
+    loader/dp<d>.pt              data-loader state of data-parallel rank ``d``
+    rng/rank<r>.pt               Python / NumPy / torch (/ CUDA) RNG states of global rank ``r``
+    manifest.json                size of every file above (truncation check on load)
+    <step>.step                  completion marker, written last
+
+It is written as ``.tmp-<step>/`` and renamed to ``<step>/`` only once the marker is inside, so a
+numbered folder is complete by construction; auto-resume still requires the marker and loading
+checks the manifest.  Tensors are saved per parameter with their global shapes (DTensors under
+tensor parallelism / FSDP), so DCP can load them into a different parallel layout.  See
+``docs/checkpoints.md``.
+"""
 
 from __future__ import annotations
 
+import json
+import logging
+import os
+import random
+import re
+import shutil
+import time
+import warnings
+from collections.abc import Callable, Iterable
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch import nn
+from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+try:
+    from torch.distributed.tensor import DTensor, distribute_tensor
+except ImportError:  # pragma: no cover - torch without DTensor
+    DTensor, distribute_tensor = (), None  # type: ignore[assignment]
+
+log = logging.getLogger(__name__)
+# DCP warns on every single-process call, even with no_dist=True which asks for exactly that (and
+# async_save warns from its own thread, out of reach of a local catch_warnings).
+warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or "
+                        "uninitialized", category=UserWarning)
+
+FORMAT, FORMAT_VERSION = "internevo-dcp", 1
+META_FILE = "meta.json"
+MANIFEST_FILE = "manifest.json"
+CONFIG_FILE = "config.py"
+MODEL_CONFIG_FILE = "model_config.json"
+DCP_METADATA = ".metadata"
+TMP_PREFIX, TRASH_PREFIX = ".tmp-", ".trash-"
+PARTS = ("model", "optimizer", "scheduler", "sampler", "train_state", "rng")
+"""What a checkpoint restores; ``content="all"`` is every part."""
+_CONTENT = {"model": ("model",), "optimizer": ("optimizer",), "scheduler": ("scheduler",),
+            "sampler": ("sampler",), "all": PARTS}
+_CKPT_TYPES = {"internevo": "internevo", "internlm": "internevo", "hf": "hf", "hf_llama": "hf"}
+_LOAD_INFO_KEYS = ("path", "content", "ckpt_type")
+_BACKEND = re.compile(r"^([A-Za-z][A-Za-z0-9_]+):")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint cannot be written or read; the message names the file, tensor or config key."""
+
+
+@dataclass(frozen=True)
+class LoadRequest:
+    """What to load from where."""
+
+    path: Path
+    """A checkpoint folder, a run's save folder (its newest checkpoint) or a HF folder."""
+    parts: frozenset
+    """Subset of :data:`PARTS`."""
+    ckpt_type: str = "internevo"
+    """``internevo`` (our DCP folders) or ``hf`` (a Hugging Face folder)."""
+    source: str = "ckpt.load_ckpt_info"
+    """Where the request came from (named in errors)."""
+
+
+# ------------------------------------------------------------------------------------ paths
+
+
+def local_path(path: str, key: str) -> Path:
+    """``path`` without a ``local:`` prefix; object-store backends are refused (naming ``key``)."""
+    text = str(path)
+    match = _BACKEND.match(text)
+    if match:
+        if match.group(1) != "local":
+            raise CheckpointError(f"{key}: storage backend {match.group(1)!r} of {text!r} is not "
+                                  "supported; use a local path (optionally 'local:<path>')")
+        text = text[len("local:"):]
+    return Path(text).expanduser()
+
+
+def marker_step(folder: Path) -> Optional[int]:
+    """The step named by the completion marker ``<step>.step`` inside ``folder`` (None: none)."""
+    if not folder.is_dir():
+        return None
+    steps = [int(p.stem) for p in folder.glob("*.step") if p.stem.isdigit() and p.is_file()]
+    return max(steps) if steps else None
+
+
+def complete_checkpoints(save_folder: Path) -> list[tuple[int, Path]]:
+    """``(step, folder)`` of every complete checkpoint in ``save_folder``, oldest first."""
+    if not save_folder.is_dir():
+        return []
+    found = [(int(c.name), c) for c in save_folder.iterdir()
+             if c.name.isdigit() and marker_step(c) == int(c.name)]
+    return sorted(found)
+
+
+def latest_checkpoint(save_folder: Path) -> Optional[Path]:
+    """The newest complete checkpoint (by step) in ``save_folder``; incomplete ones never count."""
+    found = complete_checkpoints(save_folder)
+    return found[-1][1] if found else None
+
+
+# ------------------------------------------------------------------------------ load requests
+
+
+def parse_content(content: Any, key: str) -> frozenset:
+    """InternEvo content names (``model``, ``optimizer``, ``scheduler``, ``sampler``, ``all``)
+    -> parts; anything beyond the model also restores the train state (as InternEvo does)."""
+    names = (content,) if isinstance(content, str) else tuple(content or ())
+    parts: set[str] = set()
+    for name in names:
+        lowered = str(name).lower()
+        if lowered not in _CONTENT:
+            raise CheckpointError(f"{key}: unknown content {name!r}; valid: "
+                                  f"{', '.join(_CONTENT)}")
+        parts.update(_CONTENT[lowered])
+    if not parts:
+        raise CheckpointError(f"{key}: names no content; use e.g. ('model',) or ('all',)")
+    if parts != {"model"}:
+        parts.add("train_state")
+    return frozenset(parts)
+
+
+def parse_load_info(info: Any, key: str = "ckpt.load_ckpt_info") -> LoadRequest:
+    """Validate ``load_ckpt_info`` (errors name the key); the path is checked when it is used."""
+    if not isinstance(info, dict):
+        raise CheckpointError(f"{key}: expected dict(path=..., content=..., ckpt_type=...), "
+                              f"got {info!r}")
+    unknown = sorted(set(info) - set(_LOAD_INFO_KEYS))
+    if unknown:
+        raise CheckpointError(f"{key}: unknown key {unknown[0]!r}; valid: "
+                              f"{', '.join(_LOAD_INFO_KEYS)}")
+    if not info.get("path"):
+        raise CheckpointError(f"{key}.path is not set: name the checkpoint folder to load")
+    ckpt_type = _CKPT_TYPES.get(str(info.get("ckpt_type", "internevo")).lower())
+    if ckpt_type is None:
+        raise CheckpointError(f"{key}.ckpt_type: {info.get('ckpt_type')!r} is not supported; "
+                              f"valid: {', '.join(_CKPT_TYPES)}")
+    parts = parse_content(info.get("content", ("model",)), f"{key}.content")
+    if ckpt_type == "hf" and parts != {"model"}:
+        raise CheckpointError(f"{key}.content: a Hugging Face folder holds model weights only; "
+                              f"use content=('model',), got {info.get('content')!r}")
+    return LoadRequest(local_path(info["path"], f"{key}.path"), parts, ckpt_type, key)
+
+
+# ------------------------------------------------------------------------------ small files
+
+
+def _write_bytes(path: Path, data: bytes) -> None:
+    """Write and fsync: the marker must never reach the disk before the files it vouches for."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    _write_bytes(path, json.dumps(obj, indent=1).encode())
+
+
+def _save_torch(path: Path, obj: Any) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(obj, path)
+
+
+def _read_json(path: Path) -> dict:
+    if not path.is_file():
+        raise CheckpointError(f"{path}: missing from the checkpoint")
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise CheckpointError(f"{path}: unreadable ({err}); the checkpoint is corrupted") from None
+
+
+def _load_torch(path: Path) -> Any:
+    if not path.is_file():
+        raise CheckpointError(f"{path}: missing from the checkpoint")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:
+        raise CheckpointError(f"{path}: unreadable ({err}); the checkpoint is corrupted") from None
+
+
+def _meta_field(meta: dict, key: str, folder: Path) -> Any:
+    if key not in meta:
+        raise CheckpointError(f"{folder / META_FILE}: has no {key!r} entry")
+    return meta[key]
+
+
+# ---------------------------------------------------------------------- completion and checks
+
+
+def write_manifest(folder: Path) -> None:
+    """Record the size of every file in ``folder`` (checked on load)."""
+    files = {p.relative_to(folder).as_posix(): p.stat().st_size
+             for p in sorted(folder.rglob("*")) if p.is_file()}
+    _write_json(folder / MANIFEST_FILE, {"files": files})
+
+
+def finalize(tmp: Path, save_folder: Path, step: int) -> Path:
+    """Manifest, marker, then the atomic rename ``.tmp-<step>`` -> ``<step>`` (rank 0 only)."""
+    write_manifest(tmp)
+    _write_json(tmp / f"{step}.step", {"step": step})
+    final = save_folder / str(step)
+    trash = save_folder / f"{TRASH_PREFIX}{step}"
+    if final.exists():  # the same step saved again (e.g. a run restarted from an older state)
+        shutil.rmtree(trash, ignore_errors=True)
+        final.rename(trash)
+    tmp.rename(final)
+    fd = os.open(save_folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    shutil.rmtree(trash, ignore_errors=True)
+    return final
+
+
+def remove_checkpoint(folder: Path) -> None:
+    """Rename first (one atomic step makes it incomplete), then delete."""
+    trash = folder.with_name(f"{TRASH_PREFIX}{folder.name}")
+    shutil.rmtree(trash, ignore_errors=True)
+    folder.rename(trash)
+    shutil.rmtree(trash, ignore_errors=True)
+
+
+def verify_checkpoint(folder: Path, parts: Iterable[str]) -> Optional[dict]:
+    """``meta.json`` of a complete, untruncated checkpoint; None for a model-only folder.
+
+    Model-only folders (``internevo convert from-hf``: DCP ``model.*`` tensors + ``config.py``,
+    written atomically, no marker) are accepted when only the model is asked for.
+    """
+    step = marker_step(folder)
+    if step is None:
+        if (folder / META_FILE).exists() or folder.name.startswith(TMP_PREFIX):
+            raise CheckpointError(f"{folder}: incomplete checkpoint (no '<step>.step' completion "
+                                  "marker): its save was interrupted; load an earlier one")
+        if not (folder / DCP_METADATA).is_file():
+            raise CheckpointError(f"{folder}: not a checkpoint (no '<step>.step' marker and no "
+                                  f"DCP {DCP_METADATA} file)")
+        if set(parts) != {"model"}:
+            raise CheckpointError(f"{folder}: holds model weights only (no {META_FILE}); load it "
+                                  "with content=('model',)")
+        return None
+    manifest = _read_json(folder / MANIFEST_FILE)
+    for name, size in manifest.get("files", {}).items():
+        path = folder / name
+        if not path.is_file():
+            raise CheckpointError(f"{path}: missing; the checkpoint is incomplete")
+        if path.stat().st_size != size:
+            raise CheckpointError(f"{path}: {path.stat().st_size} bytes but {size} were written; "
+                                  "the checkpoint is truncated or corrupted")
+    meta = _read_json(folder / META_FILE)
+    if meta.get("format") != FORMAT or meta.get("version", 0) > FORMAT_VERSION:
+        raise CheckpointError(f"{folder / META_FILE}: format {meta.get('format')!r} version "
+                              f"{meta.get('version')!r} is not {FORMAT!r} <= {FORMAT_VERSION}")
+    return meta
+
+
+def _config_hint(folder: Path, model_cfg: dict) -> str:
+    """Which model settings differ from the checkpoint's (appended to shape errors)."""
+    path = folder / MODEL_CONFIG_FILE
+    if not path.is_file():
+        return ""
+    saved = json.loads(path.read_text())
+    diffs = [f"{k}={saved[k]!r} (now {model_cfg[k]!r})" for k in model_cfg
+             if k in saved and saved[k] != model_cfg[k]]
+    return f"; the checkpoint's model config differs: {', '.join(diffs[:6])}" if diffs else ""
+
+
+def check_tensors(folder: Path, expected: dict[str, tuple], model_cfg: dict) -> None:
+    """Every expected tensor is in the checkpoint with the same (global) shape."""
+    try:
+        saved = dcp.FileSystemReader(str(folder)).read_metadata().state_dict_metadata
+    except Exception as err:
+        raise CheckpointError(f"{folder / DCP_METADATA}: unreadable DCP metadata ({err})") from None
+    for key, shape in expected.items():
+        meta = saved.get(key)
+        if not isinstance(meta, TensorStorageMetadata):
+            raise CheckpointError(f"{folder}: tensor {key!r} is not in the checkpoint"
+                                  f"{_config_hint(folder, model_cfg)}")
+        if tuple(meta.size) != tuple(shape):
+            raise CheckpointError(f"{folder}: tensor {key!r} has shape {tuple(meta.size)} in the "
+                                  f"checkpoint but {tuple(shape)} in this model"
+                                  f"{_config_hint(folder, model_cfg)}")
+
+
+def copy_full_state(model: nn.Module, state: dict[str, torch.Tensor], where: str) -> None:
+    """Copy full (unsharded) tensors into the model's parameters, sharding DTensors locally."""
+    current = model.state_dict()
+    for name, target in current.items():
+        if name not in state:
+            raise CheckpointError(f"{where}: tensor {name!r} is missing")
+        if tuple(state[name].shape) != tuple(target.shape):
+            raise CheckpointError(f"{where}: tensor {name!r} has shape {tuple(state[name].shape)} "
+                                  f"but the model's is {tuple(target.shape)}")
+    extra = sorted(set(state) - set(current))
+    if extra:
+        raise CheckpointError(f"{where}: tensors not in this model: {extra[:5]}")
+    with torch.no_grad():
+        for name, target in current.items():
+            source = state[name].to(target.dtype)
+            if isinstance(target, DTensor):
+                # every rank holds the full tensor: take the local shard without communication
+                source = distribute_tensor(source, target.device_mesh, target.placements,
+                                           src_data_rank=None).to_local()
+                target = target.to_local()
+            target.copy_(source)
+
+
+# ------------------------------------------------------------------------------ state helpers
+
+
+def split_tree(tree: dict) -> tuple[dict, dict]:
+    """Nested dict -> (its tensors, everything else), both keeping the nesting."""
+    tensors: dict = {}
+    plain: dict = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            t, p = split_tree(value)
+            if t:
+                tensors[key] = t
+            if p:
+                plain[key] = p
+        elif isinstance(value, torch.Tensor):
+            tensors[key] = value
+        else:
+            plain[key] = value
+    return tensors, plain
+
+
+def merge_tree(a: dict, b: dict) -> dict:
+    """Inverse of :func:`split_tree`."""
+    out = dict(a)
+    for key, value in b.items():
+        out[key] = merge_tree(out[key], value) if isinstance(value, dict) and key in out else value
+    return out
+
+
+def flat_shapes(tree: dict, prefix: str = "") -> dict[str, tuple]:
+    """DCP's flattened keys (``a.b.c``) and global shapes of a nested dict of tensors."""
+    out = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            out.update(flat_shapes(value, name + "."))
+        else:
+            out[name] = tuple(value.shape)
+    return out
+
+
+def rng_state() -> dict:
+    """Python, NumPy, torch and (when present) CUDA RNG states, loadable with ``weights_only``."""
+    name, keys, pos, has_gauss, gauss = np.random.get_state()
+    state = {"python": random.getstate(), "torch": torch.get_rng_state(),
+             "numpy": {"name": name, "keys": torch.from_numpy(keys.astype(np.int64)),
+                       "pos": int(pos), "has_gauss": int(has_gauss), "gauss": float(gauss)}}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    """Restore :func:`rng_state` output."""
+    random.setstate(state["python"])
+    n = state["numpy"]
+    np.random.set_state((n["name"], n["keys"].numpy().astype(np.uint32), n["pos"],
+                         n["has_gauss"], n["gauss"]))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _reason(err: BaseException) -> str:
+    """The last line of an error (DCP's CheckpointException carries every rank's traceback)."""
+    lines = [ln.strip() for ln in str(err).splitlines() if ln.strip()]
+    return lines[-1] if lines else type(err).__name__
+
+
+# -------------------------------------------------------------------------------- the manager
+
 
 class CheckpointManager:
-    """Decides when to save and resume for one :class:`~internevo.train.trainer.Trainer`."""
+    """Saving cadence, stop file, (asynchronous) DCP saves and loading for one Trainer."""
 
-    def __init__(self, trainer):
+    def __init__(self, trainer: Any):
         self.trainer = trainer
+        self.cfg = trainer.cfg
+        self.layout = trainer.layout
+        ck = self.cfg.ckpt
+        self.save_folder = (local_path(ck.save_ckpt_folder, "ckpt.save_ckpt_folder")
+                            if ck.save_ckpt_folder else None)
+        self.saving = bool(ck.enable_save_ckpt and self.save_folder is not None)
+        self.stop_file = (local_path(ck.stop_file_path, "ckpt.stop_file_path")
+                          if ck.stop_file_path else None)
+        self.explicit = self._explicit_request()
+        self._pg = self._checkpoint_group()
+        self._executor = (ThreadPoolExecutor(1, thread_name_prefix="internevo-ckpt")
+                          if ck.async_save and self.saving else None)
+        self._pending: Optional[Future] = None
+        self._saved_batch = self._saved_step = -1  # what the newest checkpoint of this run holds
+        self._seen_step = 0  # step_count at the previous after_step: cadence counts updates only
+        self._bad_stop_text: Optional[str] = None
+        if ck.enable_save_ckpt and self.save_folder is None and self.layout.is_log_rank:
+            log.warning("ckpt.enable_save_ckpt is True but ckpt.save_ckpt_folder is not set: "
+                        "no checkpoints will be written")
+        if self.layout.rank == 0:
+            self._reset_stop_file()
+            self._remove_stale()
 
+    # ---------------------------------------------------------------------------- set-up
+    def _explicit_request(self) -> Optional[LoadRequest]:
+        """``load_ckpt_info`` (or the legacy ``load_ckpt_folder``), validated at start-up."""
+        ck = self.cfg.ckpt
+        if ck.load_ckpt_info is not None:
+            return parse_load_info(ck.load_ckpt_info)
+        if ck.load_ckpt_folder:
+            parts = parse_content(("model", "sampler", "optimizer"), "ckpt.load_ckpt_folder")
+            return LoadRequest(local_path(ck.load_ckpt_folder, "ckpt.load_ckpt_folder"), parts,
+                               "internevo", "ckpt.load_ckpt_folder")
+        return None
+
+    def _checkpoint_group(self) -> Any:
+        """A gloo group of all ranks for DCP: asynchronous saves run collectives in a thread,
+        which must not share a communicator with the training collectives of the main thread."""
+        if self.layout.world_size > 1 and dist.is_initialized():
+            return dist.new_group(backend="gloo")
+        return None
+
+    def _dcp_kwargs(self) -> dict:
+        return {"process_group": self._pg} if self._pg is not None else {"no_dist": True}
+
+    def _reset_stop_file(self) -> None:
+        """Spec §6.5: rank 0 (re)creates the stop file with "0" at start."""
+        if self.stop_file is not None:
+            self.stop_file.parent.mkdir(parents=True, exist_ok=True)
+            self.stop_file.write_text("0")
+
+    def _remove_stale(self) -> None:
+        """Half-written (``.tmp-``) and half-deleted (``.trash-``) folders of an earlier run."""
+        if not self.saving or not self.save_folder.is_dir():
+            return
+        for child in self.save_folder.iterdir():
+            if child.is_dir() and child.name.startswith((TMP_PREFIX, TRASH_PREFIX)):
+                shutil.rmtree(child, ignore_errors=True)
+
+    def _say(self, msg: str) -> None:
+        if self.layout.is_log_rank:
+            print(f"[internevo] checkpoint: {msg}", flush=True)
+
+    # ---------------------------------------------------------------------------- resume
     def maybe_resume(self) -> bool:
-        """Load the newest complete checkpoint (or ``load_ckpt_info``); True when something loaded."""
-        return False
+        """Load the newest complete checkpoint (or ``load_ckpt_info``); True if something loaded."""
+        request = self.resume_request()
+        if request is None:
+            return False
+        self.load(request)
+        return True
 
+    def resume_request(self) -> Optional[LoadRequest]:
+        """Auto-resume wins when ``save_ckpt_folder`` holds a complete checkpoint; otherwise
+        ``load_ckpt_info`` (so a first run can start from pre-trained weights)."""
+        if self.cfg.ckpt.auto_resume and self.save_folder is not None:
+            latest = self._agreed_latest()
+            if latest is not None:
+                if self.explicit is not None:
+                    self._say(f"auto_resume: {latest} overrides {self.explicit.source}")
+                return LoadRequest(latest, frozenset(PARTS), "internevo", "auto_resume")
+        return self.explicit
+
+    def _agreed_latest(self) -> Optional[Path]:
+        """Rank 0 picks the newest complete checkpoint and tells the others (one decision)."""
+        latest = latest_checkpoint(self.save_folder) if self.layout.rank == 0 else None
+        step = torch.tensor([int(latest.name) if latest else -1], dtype=torch.int64,
+                            device=self.trainer.device)
+        self.trainer.comm.broadcast(step, "world")
+        return None if step.item() < 0 else self.save_folder / str(step.item())
+
+    def load(self, request: LoadRequest) -> None:
+        """Load ``request.parts`` into the trainer (errors name the file, tensor or key)."""
+        start = time.perf_counter()
+        if not request.path.exists():
+            raise CheckpointError(f"{request.source}.path: {request.path} does not exist")
+        if request.ckpt_type == "hf":
+            self._load_hf(request)
+        else:
+            folder = self._checkpoint_folder(request)
+            meta = verify_checkpoint(folder, request.parts)
+            self._load_tensors(folder, meta, request.parts)
+            if meta is not None:
+                self._load_extras(folder, meta, request.parts)
+            request = LoadRequest(folder, request.parts, request.ckpt_type, request.source)
+        st = self.trainer.state
+        self._seen_step = st.step_count
+        if "train_state" in request.parts:
+            self._saved_batch, self._saved_step = st.batch_count, st.step_count
+        self._say(f"loaded {', '.join(sorted(request.parts))} from {request.path} "
+                  f"({request.source}) in {time.perf_counter() - start:.1f}s: step "
+                  f"{st.step_count}, batch {st.batch_count}")
+
+    def _checkpoint_folder(self, request: LoadRequest) -> Path:
+        """The folder itself, or the newest checkpoint when it is a run's save folder."""
+        path = request.path
+        if marker_step(path) is None and not (path / DCP_METADATA).exists():
+            latest = latest_checkpoint(path)
+            if latest is not None:
+                return latest
+        return path
+
+    def _load_tensors(self, folder: Path, meta: Optional[dict], parts: frozenset) -> None:
+        """Model weights and optimizer tensors through DCP (resharded to this layout); ``meta``
+        (None for a model-only folder) holds the optimizer's scalars."""
+        t = self.trainer
+        state: dict[str, Any] = {}
+        opt_plain: dict = {}
+        if "model" in parts:
+            state["model"] = t.model.state_dict()  # views of the parameters: loaded in place
+        if "optimizer" in parts:
+            state["optimizer"], opt_plain = split_tree(t.optimizer.state_dict())
+        if not state:
+            return
+        check_tensors(folder, flat_shapes(state), asdict(self.cfg.model))
+        try:
+            dcp.load(state, storage_reader=dcp.FileSystemReader(str(folder)), **self._dcp_kwargs())
+        except (Exception, dcp.CheckpointException) as err:
+            raise CheckpointError(f"{folder}: reading the checkpoint failed: "
+                                  f"{_reason(err)}") from err
+        if "optimizer" in parts:
+            plain = merge_tree(opt_plain, _meta_field(meta, "optimizer", folder))
+            t.optimizer.load_state_dict(merge_tree(state["optimizer"], plain))
+            if "model" not in parts:
+                t.optimizer.after_update()  # the masters are the truth: weights follow them
+        else:
+            t.optimizer.refresh_masters_from_params()
+
+    def _load_extras(self, folder: Path, meta: dict, parts: frozenset) -> None:
+        t = self.trainer
+        if "scheduler" in parts:
+            t.schedules.load_state_dict(_meta_field(meta, "schedules", folder))
+        if "train_state" in parts:
+            t.state.load_state_dict(_meta_field(meta, "train_state", folder))
+        if "sampler" in parts:
+            t.loader.load_state_dict(_load_torch(self._loader_file(folder, meta)))
+        if "rng" in parts:
+            path = folder / "rng" / f"rank{self.layout.rank}.pt"
+            if path.is_file():
+                set_rng_state(_load_torch(path))
+            else:
+                log.warning("%s: no RNG state for rank %d (saved with world size %s); "
+                            "RNG streams restart from the seed", folder, self.layout.rank,
+                            meta.get("layout", {}).get("world_size"))
+
+    def _loader_file(self, folder: Path, meta: dict) -> Path:
+        """This data rank's loader state; with another data-parallel size, rank 0's (the loader
+        then decides whether the position carries over)."""
+        path = folder / "loader" / f"dp{self.layout.dp_rank}.pt"
+        saved_dp = meta.get("layout", {}).get("data", self.layout.data)
+        return path if saved_dp == self.layout.data else folder / "loader" / "dp0.pt"
+
+    def _load_hf(self, request: LoadRequest) -> None:
+        """Weights of a Hugging Face folder (``ckpt_type="hf"``); masters follow the weights."""
+        from internevo.models.hf import load_hf_for_training
+
+        try:
+            state = load_hf_for_training(request.path, self.cfg)
+        except ValueError as err:  # HFConversionError / ConfigError name the file and the key
+            raise CheckpointError(f"{request.source} (ckpt_type='hf'): {err}") from err
+        copy_full_state(self.trainer.model, state, str(request.path))
+        self.trainer.optimizer.refresh_masters_from_params()
+
+    # ---------------------------------------------------------------------------- saving
     def after_step(self) -> bool:
-        """Save when the cadence or the stop file asks; True when training should stop."""
-        return False
+        """Save when the cadence, the last batch or the stop file asks; True when training stops."""
+        st = self.trainer.state
+        action = self._stop_action()
+        updated, self._seen_step = st.step_count != self._seen_step, st.step_count
+        if self.saving and self._save_due(action, updated):
+            self.save()
+        stop = action > 0 and action == st.step_count
+        if stop:
+            self._say(f"stop file {self.stop_file} asked to stop at step {action}")
+        return stop
+
+    def _save_due(self, action: int, updated: bool) -> bool:
+        """checkpoint_every (successful updates only), the last batch, or the stop file's step;
+        never the same state twice."""
+        st, every = self.trainer.state, self.cfg.ckpt.checkpoint_every
+        if updated and every and st.step_count % every == 0:
+            return True
+        if st.batch_count >= self.cfg.data.total_steps and st.batch_count != self._saved_batch:
+            return True
+        return action != 0 and abs(action) == st.step_count and st.step_count != self._saved_step
+
+    def _stop_action(self) -> int:
+        """Rank 0 reads the stop file, every rank gets the value (0 = nothing to do)."""
+        if self.stop_file is None:
+            return 0
+        value = torch.zeros(1, dtype=torch.int64, device=self.trainer.device)
+        if self.layout.rank == 0:
+            value.fill_(self._read_stop_file())
+        self.trainer.comm.broadcast(value, "world")
+        return int(value.item())
+
+    def _read_stop_file(self) -> int:
+        try:
+            text = self.stop_file.read_text().strip()
+        except FileNotFoundError:
+            return 0
+        try:
+            return int(text or 0)
+        except ValueError:
+            if text != self._bad_stop_text:  # warn once per distinct content, not every step
+                log.warning("stop file %s holds %r, not an integer: ignored", self.stop_file, text)
+                self._bad_stop_text = text
+            return 0
+
+    def save(self) -> Path:
+        """Write a checkpoint of the current state (in the background with ``async_save``)."""
+        if self.save_folder is None:
+            raise CheckpointError("ckpt.save_ckpt_folder is not set: nowhere to save")
+        self.wait()  # one save in flight at a time
+        st = self.trainer.state
+        step = st.step_count
+        tmp = self.save_folder / f"{TMP_PREFIX}{step}"
+        self._prepare(tmp)
+        opt_tensors, opt_plain = split_tree(self.trainer.optimizer.state_dict())
+        self._write_extras(tmp, step, opt_plain)
+        state = {"model": self.trainer.model.state_dict(), "optimizer": opt_tensors}
+        self._saved_batch, self._saved_step = st.batch_count, step
+        writer = dcp.FileSystemWriter(str(tmp))
+        if self._executor is None:
+            self._run_dcp(lambda: dcp.save(state, storage_writer=writer, **self._dcp_kwargs()), tmp)
+            self._complete(tmp, step)
+        else:  # DCP stages (copies) the tensors before returning; writing goes on in a thread
+            future = self._run_dcp(
+                lambda: dcp.async_save(state, storage_writer=writer, **self._dcp_kwargs()), tmp)
+            self._pending = self._executor.submit(self._complete_async, future, tmp, step)
+        return self.save_folder / str(step)
+
+    def _prepare(self, tmp: Path) -> None:
+        """Rank 0 starts from an empty temporary folder before any rank writes into it."""
+        if self.layout.rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        self.trainer.comm.barrier()
+
+    def _write_extras(self, tmp: Path, step: int, opt_plain: dict) -> None:
+        """The small files; every rank writes its own before entering the (collective) DCP save,
+        so they all exist once rank 0's DCP save returns."""
+        lay, t = self.layout, self.trainer
+        if lay.rank == 0:
+            _write_json(tmp / META_FILE, self._meta(step, opt_plain))
+            _write_json(tmp / MODEL_CONFIG_FILE, asdict(self.cfg.model))
+            _write_bytes(tmp / CONFIG_FILE, self._config_text().encode())
+        if lay.tp_rank == 0 and lay.pp_rank == 0:  # loader states differ per data rank only
+            _save_torch(tmp / "loader" / f"dp{lay.dp_rank}.pt", t.loader.state_dict())
+        _save_torch(tmp / "rng" / f"rank{lay.rank}.pt", rng_state())
+
+    def _meta(self, step: int, opt_plain: dict) -> dict:
+        lay, t = self.layout, self.trainer
+        return {"format": FORMAT, "version": FORMAT_VERSION, "step": step,
+                "job_name": self.cfg.JOB_NAME, "model_type": self.cfg.model_type,
+                "dtype": self.cfg.model.dtype, "saved_at": time.strftime("%Y-%m-%d %H:%M:%S"),
+                "layout": {"world_size": lay.world_size, "tensor": lay.tensor, "data": lay.data,
+                           "pipeline": lay.pipeline, "zero1": lay.zero1, "fsdp": lay.fsdp},
+                "train_state": t.state.state_dict(), "schedules": t.schedules.state_dict(),
+                "optimizer": opt_plain}
+
+    def _config_text(self) -> str:
+        if self.cfg.text:
+            return self.cfg.text
+        from internevo.models.hf import config_text  # a loadable file from the model section
+
+        return config_text(self.cfg)
+
+    def _run_dcp(self, fn: Callable[[], Any], tmp: Path) -> Any:
+        try:
+            return fn()
+        except (Exception, dcp.CheckpointException) as err:
+            raise CheckpointError(f"writing checkpoint {tmp} failed: {_reason(err)}; earlier "
+                                  "checkpoints are untouched") from err
+
+    def _complete_async(self, future: Future, tmp: Path, step: int) -> None:
+        self._run_dcp(future.result, tmp)
+        self._complete(tmp, step)
+
+    def _complete(self, tmp: Path, step: int) -> None:
+        """Rank 0 marks the checkpoint complete and prunes; every rank learns whether it worked."""
+        error = ""
+        if self.layout.rank == 0:
+            try:
+                finalize(tmp, self.save_folder, step)
+            except Exception as err:  # other ranks must hear of it, not hang in the broadcast
+                error = f"{type(err).__name__}: {err}"
+        if self._pg is not None:
+            flag = torch.tensor([1 if error else 0], dtype=torch.int64)
+            dist.broadcast(flag, src=0, group=self._pg)
+            error = error or ("rank 0 failed to finalise it" if flag.item() else "")
+        if error:
+            raise CheckpointError(f"completing checkpoint {tmp} failed: {error}; earlier "
+                                  "checkpoints are untouched")
+        self._say(f"saved step {step} to {self.save_folder / str(step)}")
+        if self.layout.rank == 0:
+            self._prune(step)
+
+    def _prune(self, step: int) -> None:
+        """keep_last_n: drop the oldest complete checkpoints before ``step`` (never newer ones,
+        which another run may still want)."""
+        keep = self.cfg.ckpt.keep_last_n
+        if not keep:
+            return
+        older = [p for s, p in complete_checkpoints(self.save_folder) if s < step]
+        for folder in older[:max(0, len(older) - (keep - 1))]:
+            try:
+                remove_checkpoint(folder)
+            except OSError as err:  # the new checkpoint is safe; a leftover old one is harmless
+                log.warning("keep_last_n: could not remove %s: %s", folder, err)
+
+    def wait(self) -> None:
+        """Block until the asynchronous save in flight is complete; re-raise its error."""
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            pending.result()
 
     def finish(self) -> None:
-        """Wait for pending asynchronous saves."""
+        """Save the final state if the loop ended without doing so, then wait for saves."""
+        st = self.trainer.state
+        if (self.saving and st.batch_count >= self.cfg.data.total_steps
+                and st.batch_count != self._saved_batch):
+            self.save()  # the last batches were skipped, so after_step never saw the end
+        self.wait()
+        self.trainer.comm.barrier()

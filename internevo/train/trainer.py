@@ -84,6 +84,7 @@ class Trainer:
         loss_sum = 0.0
         stats = None
         for m in range(rows):
+            self.optimizer.start_micro_step(last=m == rows - 1)  # gradient sync / overlap
             logits = self.model(batch["input_ids"][m:m + 1], cu_seqlens=batch["cu_seqlens"][m],
                                 indexes=batch["indexes"][m:m + 1])
             loss = self.loss_fn(logits, batch["labels"][m:m + 1]) / rows

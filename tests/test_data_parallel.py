@@ -1,0 +1,187 @@
+"""Data parallel, ZeRO-1.5 and FSDP trainers on real gloo processes equal one process.
+
+Every rank runs several modes one after the other in the same processes (one spawn per world
+size), each for ``STEPS`` steps of ``Trainer.train_step`` on hand-built batches: rank ``r`` of
+``dp`` gets rows ``r*M .. (r+1)*M`` of a global batch of ``GLOBAL_ROWS`` rows, and the
+single-process reference trains on all of them (the loss of a row is its token mean / rows, and
+data parallel averages, so both see the same objective).  Step ``POISON_STEP`` has a non-finite
+loss on the last rank only (on every row of the reference): every rank must skip that update.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import tempfile
+from pathlib import Path
+
+import pytest
+import torch
+
+from internevo.config import TrainConfig, config_from_dict
+from internevo.data.loader import build_train_loader
+from internevo.parallel.comm import Comm, analytic_step_bytes
+from internevo.parallel.layout import ParallelLayout
+from internevo.parallel.spawn import spawn_ranks
+from internevo.train.trainer import Trainer
+
+STEPS, GLOBAL_ROWS, POISON_STEP, CLIP = 10, 4, 4, 0.5
+
+# mode name -> (parallel section, hybrid_zero_optimizer overrides), per world size
+MODES = {
+    2: {
+        "dp2": (dict(zero1=1), {}),
+        "dp2_zero1=-1": (dict(zero1=-1), {}),
+        "dp2_zero1=-1_overlap": (dict(zero1=-1), dict(overlap_sync_grad=True,
+                                                      reduce_bucket_size=3000)),
+        "dp2_fsdp": (dict(zero1=dict(size=-1, fsdp=True)), {}),
+    },
+    4: {
+        "dp4_zero1=-1": (dict(zero1=-1), {}),
+        "dp4_zero1=2": (dict(zero1=2), {}),
+        "dp4_zero1=2_overlap": (dict(zero1=2), dict(overlap_sync_grad=True,
+                                                    reduce_bucket_size=3000)),
+        "dp4_fsdp_zero1=2": (dict(zero1=dict(size=2, fsdp=True)), {}),
+    },
+}
+
+
+def tiny_config(parallel: dict, hz: dict) -> TrainConfig:
+    """A 2-layer InternLM2 on dummy data, fp32, clipping active."""
+    return config_from_dict(dict(
+        model_type="INTERNLM2_PUBLIC",
+        data=dict(seq_len=32, micro_bsz=1, micro_num=GLOBAL_ROWS, total_steps=STEPS,
+                  num_worker=0),
+        model=dict(num_layers=2, hidden_size=32, num_attention_heads=4, num_kv_attention_heads=2,
+                   vocab_size=256, multiple_of=16, dtype="torch.float32"),
+        adam=dict(lr=2e-3), lr_scheduler=dict(warmup_ratio=0.2),
+        hybrid_zero_optimizer=dict(clip_grad_norm=CLIP, **hz),
+        ckpt=dict(enable_save_ckpt=False), enable_tb=False, parallel=parallel))
+
+
+@functools.cache
+def global_batches() -> list[dict]:
+    """``STEPS`` batches of ``GLOBAL_ROWS`` rows from the single-process loader (any mode's)."""
+    loader = iter(build_train_loader(tiny_config(dict(zero1=1), {}), 0, 1))
+    return [next(loader) for _ in range(STEPS)]
+
+
+def rows_of(batch: dict, start: int, stop: int) -> dict:
+    """Rows ``start:stop`` of a batch (cu_seqlens is a per-row list)."""
+    return {k: v[start:stop] for k, v in batch.items()}
+
+
+def train(cfg: TrainConfig, rank: int, world: int) -> dict:
+    """Run ``STEPS`` steps on this rank's rows; return records, masters and state bytes."""
+    layout = ParallelLayout.from_config(cfg, world, rank)
+    if world > 1:
+        layout.build_groups()
+    comm = Comm(layout)
+    with tempfile.TemporaryDirectory() as run_dir:
+        trainer = Trainer(cfg, layout, comm, torch.device("cpu"), Path(run_dir))
+        per_rank = GLOBAL_ROWS // layout.data
+        records = []
+        for step, batch in enumerate(global_batches()):
+            if step == POISON_STEP and layout.dp_rank == layout.data - 1:
+                # the reference poisons all rows; poisoning a single row would do the same
+                trainer.loss_fn = _poison_rows(trainer, per_rank if world == 1 else 1)
+            records.append(trainer.train_step(rows_of(batch, layout.dp_rank * per_rank,
+                                                      (layout.dp_rank + 1) * per_rank)))
+        shapes = {n: tuple(p.shape) for n, p in trainer.model.named_parameters()}
+        return {"records": records, "state": trainer.optimizer.state_dict(),
+                "state_bytes": trainer.optimizer.state_bytes(), "shapes": shapes,
+                "blocks": _block_names(trainer), "zero1": layout.zero1, "dp": layout.data,
+                "expected": analytic_step_bytes(cfg, layout, shapes, _block_names(trainer),
+                                                micro_num=per_rank)}
+
+
+def _poison_rows(trainer: Trainer, rows: int):
+    """A loss function that is non-finite for the next ``rows`` calls, then the normal one."""
+    base, left = trainer.loss_fn, [rows]
+
+    def loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        left[0] -= 1
+        if left[0] == 0:
+            trainer.loss_fn = base
+        return base(logits, labels) * math.inf
+
+    return loss
+
+
+def _block_names(trainer: Trainer) -> list[str]:
+    """Parameter-name prefixes of the transformer blocks (FSDP's per-block units)."""
+    blocks = trainer.model.transformer_blocks()
+    names = {id(m): n for n, m in trainer.model.named_modules()}
+    return [names[id(b)] for b in blocks]
+
+
+def run_modes(rank: int, world: int) -> dict:
+    """Every mode of ``world`` ranks, one after the other in the same processes."""
+    return {name: train(tiny_config(*spec), rank, world)
+            for name, spec in MODES[world].items()}
+
+
+@pytest.fixture(scope="module")
+def reference() -> dict:
+    """The single process with the whole global batch."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny matrices: extra threads only add contention
+    try:
+        return train(tiny_config(dict(zero1=1), {}), 0, 1)
+    finally:
+        torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module", params=[2, 4])
+def distributed(request) -> tuple[int, list[dict]]:
+    """Per-rank results of every mode of one world size (one spawn)."""
+    return request.param, spawn_ranks(run_modes, request.param, timeout=600)
+
+
+def test_losses_norms_and_weights_match_single_process(reference, distributed):
+    world, ranks = distributed
+    for mode in MODES[world]:
+        for rank, res in enumerate(ranks):
+            where = f"{mode} rank {rank}"
+            for step, (got, ref) in enumerate(zip(res[mode]["records"], reference["records"])):
+                assert got["success"] == ref["success"] == (step != POISON_STEP), where
+                if step == POISON_STEP:
+                    assert not math.isfinite(got["grad_norm"]), where
+                    continue
+                assert got["loss"] == pytest.approx(ref["loss"], rel=1e-5), f"{where} step {step}"
+                assert got["grad_norm"] == pytest.approx(ref["grad_norm"], rel=1e-5), where
+            assert res[mode]["state"]["step"] == reference["state"]["step"] == STEPS - 1
+            for name, ref_state in reference["state"]["params"].items():
+                for key, ref_t in ref_state.items():
+                    torch.testing.assert_close(res[mode]["state"]["params"][name][key], ref_t,
+                                               rtol=1e-5, atol=1e-6, msg=f"{where} {name} {key}")
+
+
+def test_clipping_was_active(reference):
+    norms = [r["grad_norm"] for r in reference["records"] if r["success"]]
+    assert max(norms) > CLIP  # so the clipped path is what the equality above covers
+
+
+def test_state_bytes_are_total_over_zero1(distributed):
+    world, ranks = distributed
+    for mode in MODES[world]:
+        res = ranks[0][mode]
+        total = sum(math.prod(s) for s in res["shapes"].values())
+        per_rank = [r[mode]["state_bytes"] for r in ranks]
+        zo = res["zero1"]
+        # every zero1 group holds one full copy: exactly total, up to padding (< zo per bucket)
+        held = sum(per_rank[:zo])
+        assert 12 * total <= held < 12 * (total + 64 * zo), mode
+        assert max(per_rank) - min(per_rank) <= 12 * 64, mode
+
+
+def test_counted_bytes_equal_formula(distributed):
+    world, ranks = distributed
+    for mode in MODES[world]:
+        for res in (r[mode] for r in ranks):
+            for step, record in enumerate(res["records"]):
+                if step == POISON_STEP:
+                    continue
+                counted = {k: v for k, v in record.items()
+                           if k.startswith("comm/") and k.endswith("/bytes")}
+                assert counted == res["expected"], f"{mode} step {step}"
