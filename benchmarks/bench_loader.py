@@ -1,22 +1,25 @@
 """Loader throughput next to the trainer's consumption, for the demo model, in one run.
 
-    .venv/bin/python benchmarks/bench_loader.py [--batches 200] [--steps 3]
+    .venv/bin/python benchmarks/bench_loader.py [--batches 200] [--steps 1] [--dtype torch.float32]
 
 Prints tokens/s of the training loader on the three data paths (tokenized tiny-shakespeare,
 streaming the same text with on-the-fly tokenization, dummy data) and the tokens/s the demo
 model consumes in a forward + backward + AdamW step; the ratio must stay well above 1
-(aim: >= 20x) so data loading is never the bottleneck.
+(aim: >= 20x) so data loading is never the bottleneck.  Loaders run with 0 workers
+(the worst case) unless noted.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import tempfile
 import time
 from pathlib import Path
 
 import torch
+from torch.nn import functional as F
 
 from internevo.config import TrainConfig, load_config
 from internevo.data.loader import build_train_loader
@@ -47,34 +50,26 @@ def loader_tokens_per_s(cfg: TrainConfig, batches: int) -> float:
 def trainer_tokens_per_s(cfg: TrainConfig, steps: int) -> float:
     """Tokens/s of forward + backward + AdamW on the demo model (packed rows, cu_seqlens).
 
-    Needs ``internevo.models.registry.build_model``; the batches come from dummy data so that
-    this number does not depend on the loader being measured.
+    Uses ``internevo.models.registry.build_model``; the batches come from dummy data so that
+    this number does not depend on the loader being measured.  No warm-up step: on CPU one step
+    takes many seconds, so first-call overheads do not matter.
     """
     from internevo.models.registry import build_model
-    from torch.nn import functional as F
 
-    torch.manual_seed(0)
     model = build_model(cfg)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    dummy = TrainConfig(data=cfg.data, model=cfg.model)
+    dummy = TrainConfig(data=copy.deepcopy(cfg.data), model=cfg.model)
     dummy.data.train_folder = None
     it = iter(build_train_loader(dummy, 0, 1))
-
-    def step(batch: dict) -> None:
-        for m in range(batch["input_ids"].shape[0]):
-            logits = model(batch["input_ids"][m:m + 1], cu_seqlens=batch["cu_seqlens"][m],
-                           indexes=batch["indexes"][m])
-            loss = F.cross_entropy(logits.float().flatten(0, 1), batch["labels"][m],
-                                   ignore_index=-100)
-            loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-
-    step(next(it))  # warm-up
     start, tokens = time.perf_counter(), 0
     for _ in range(steps):
         batch = next(it)
-        step(batch)
+        for m in range(batch["input_ids"].shape[0]):
+            logits = model(batch["input_ids"][m:m + 1], cu_seqlens=batch["cu_seqlens"][m],
+                           indexes=batch["indexes"][m])
+            F.cross_entropy(logits.float().flatten(0, 1), batch["labels"][m]).backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
         tokens += batch["input_ids"].numel()
     return tokens / (time.perf_counter() - start)
 
@@ -105,21 +100,29 @@ def main() -> None:
     """Measure and print the comparison."""
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--batches", type=int, default=200, help="loader batches per data path")
-    ap.add_argument("--steps", type=int, default=3, help="timed training steps")
+    ap.add_argument("--steps", type=int, default=1, help="timed training steps")
+    ap.add_argument("--dtype", default=None, help="override the demo's model.dtype")
     args = ap.parse_args()
     cfg = demo_config()
+    if args.dtype:
+        cfg.model.dtype = args.dtype
     d, m = cfg.data, cfg.model
     print(f"demo shape: {cfg.model_type} L={m.num_layers} h={m.hidden_size} V={m.vocab_size} "
           f"{m.dtype}; row = seq_len {d.seq_len} x micro_bsz {d.micro_bsz} = "
           f"{cfg.packed_length} tokens, micro_num {d.micro_num}; torch threads "
-          f"{torch.get_num_threads()}")
-    train = trainer_tokens_per_s(cfg, args.steps)
-    print(f"{'trainer (fwd+bwd+AdamW)':<28}{train:>14,.0f} tokens/s")
+          f"{torch.get_num_threads()}", flush=True)
+    rates = {}
     with tempfile.TemporaryDirectory() as tmp:
         for name, c in prepare(Path(tmp), cfg).items():
-            rate = loader_tokens_per_s(c, args.batches)
-            print(f"{'loader ' + name + ' (0 workers)':<28}{rate:>14,.0f} tokens/s"
-                  f"   {rate / train:8.1f}x the trainer")
+            for workers in (0, 2) if name == "tokenized" else (0,):
+                c.data.num_worker = workers
+                rates[f"loader {name} ({workers} workers)"] = loader_tokens_per_s(c, args.batches)
+                print(f"{'loader ' + name + f' ({workers} workers)':<30}"
+                      f"{rates[f'loader {name} ({workers} workers)']:>12,.0f} tokens/s", flush=True)
+    train = trainer_tokens_per_s(cfg, args.steps)
+    print(f"{'trainer fwd+bwd+AdamW':<30}{train:>12,.0f} tokens/s")
+    for name, rate in rates.items():
+        print(f"{name:<30}{rate / train:>12,.0f}x the trainer")
 
 
 if __name__ == "__main__":

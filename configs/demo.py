@@ -11,8 +11,8 @@ data = dict(
     seq_len=SEQ_LEN,
     micro_bsz=2,  # two 256-token windows per packed row
     micro_num=2,  # two rows per optimizer step
-    total_steps=120,
-    valid_every=40,
+    total_steps=100,
+    valid_every=50,
     valid_micro_num=2,
     train_folder="demo_data/train",
     valid_folder="demo_data/valid",
@@ -28,7 +28,8 @@ model = dict(
     mlp_ratio=3.5,
     multiple_of=128,
     vocab_size=VOCAB_SIZE,
-    dtype="torch.bfloat16",
+    # fp32: CPUs without AVX-512-BF16 (AVX2 only) run bf16 matmuls ~100x slower than fp32.
+    dtype="torch.float32",
     rope_base=1000000,
     no_bias=True,
     checkpoint=False,
@@ -43,7 +44,7 @@ loss = dict(label_smoothing=0)
 ckpt = dict(
     enable_save_ckpt=True,
     save_ckpt_folder="runs/demo/checkpoints",
-    checkpoint_every=60,
+    checkpoint_every=50,
     auto_resume=False,
 )
 parallel = dict(zero1=dict(size=-1), tensor=dict(size=1, mode="mtp"), pipeline=1)

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch.distributed.tensor.debug import CommDebugMode
 
 from internevo.config import TrainConfig, config_from_dict
 from internevo.data.loader import build_train_loader
@@ -46,17 +47,17 @@ MODES = {
 }
 
 
-def tiny_config(parallel: dict, hz: dict) -> TrainConfig:
-    """A 2-layer InternLM2 on dummy data, fp32, clipping active."""
+def tiny_config(parallel: dict, hz: dict, dtype: str = "torch.float32", **top) -> TrainConfig:
+    """A 2-layer InternLM2 on dummy data, clipping active; ``top``: more top-level sections."""
     return config_from_dict(dict(
         model_type="INTERNLM2_PUBLIC",
         data=dict(seq_len=32, micro_bsz=1, micro_num=GLOBAL_ROWS, total_steps=STEPS,
                   num_worker=0),
         model=dict(num_layers=2, hidden_size=32, num_attention_heads=4, num_kv_attention_heads=2,
-                   vocab_size=256, multiple_of=16, dtype="torch.float32"),
+                   vocab_size=256, multiple_of=16, dtype=dtype),
         adam=dict(lr=2e-3), lr_scheduler=dict(warmup_ratio=0.2),
         hybrid_zero_optimizer=dict(clip_grad_norm=CLIP, **hz),
-        ckpt=dict(enable_save_ckpt=False), enable_tb=False, parallel=parallel))
+        ckpt=dict(enable_save_ckpt=False), enable_tb=False, parallel=parallel, **top))
 
 
 @functools.cache
@@ -71,28 +72,52 @@ def rows_of(batch: dict, start: int, stop: int) -> dict:
     return {k: v[start:stop] for k, v in batch.items()}
 
 
-def train(cfg: TrainConfig, rank: int, world: int) -> dict:
-    """Run ``STEPS`` steps on this rank's rows; return records, masters and state bytes."""
+def make_trainer(cfg: TrainConfig, rank: int, world: int, run_dir: Path) -> Trainer:
+    """A trainer of ``cfg`` on this rank, with its layout's groups built."""
     layout = ParallelLayout.from_config(cfg, world, rank)
     if world > 1:
         layout.build_groups()
-    comm = Comm(layout)
+    return Trainer(cfg, layout, Comm(layout), torch.device("cpu"), run_dir)
+
+
+def run_steps(trainer: Trainer, steps: int = STEPS, poison_step: int = POISON_STEP,
+              first: int = 0) -> list[dict]:
+    """Train on global batches ``first .. first+steps`` (this rank's rows); the last data rank's
+    loss is non-finite at ``poison_step`` (every row's in a single process)."""
+    layout = trainer.layout
+    per_rank = GLOBAL_ROWS // layout.data
+    records = []
+    for step, batch in enumerate(global_batches()[first: first + steps], start=first):
+        if step == poison_step and layout.dp_rank == layout.data - 1:
+            trainer.loss_fn = _poison_rows(trainer, per_rank if layout.data == 1 else 1)
+        start = layout.dp_rank * per_rank
+        records.append(trainer.train_step(rows_of(batch, start, start + per_rank)))
+    return records
+
+
+def summary(trainer: Trainer) -> dict:
+    """Optimizer state (per parameter, full), state bytes, shapes and the analytic comm bytes."""
+    layout = trainer.layout
+    shapes = {n: tuple(p.shape) for n, p in trainer.model.named_parameters()}
+    expected = analytic_step_bytes(trainer.cfg, layout, shapes, _block_names(trainer),
+                                   micro_num=GLOBAL_ROWS // layout.data)
+    return {"state": trainer.optimizer.state_dict(), "shapes": shapes, "expected": expected,
+            "state_bytes": trainer.optimizer.state_bytes(), "zero1": layout.zero1}
+
+
+def train(cfg: TrainConfig, rank: int, world: int) -> dict:
+    """Run ``STEPS`` steps on this rank's rows; return the records and the :func:`summary`.
+
+    The last step runs under ``CommDebugMode``, which counts the c10d ops themselves: an
+    independent check that every collective went through (or was seen by) Comm.
+    """
     with tempfile.TemporaryDirectory() as run_dir:
-        trainer = Trainer(cfg, layout, comm, torch.device("cpu"), Path(run_dir))
-        per_rank = GLOBAL_ROWS // layout.data
-        records = []
-        for step, batch in enumerate(global_batches()):
-            if step == POISON_STEP and layout.dp_rank == layout.data - 1:
-                # the reference poisons all rows; poisoning a single row would do the same
-                trainer.loss_fn = _poison_rows(trainer, per_rank if world == 1 else 1)
-            records.append(trainer.train_step(rows_of(batch, layout.dp_rank * per_rank,
-                                                      (layout.dp_rank + 1) * per_rank)))
-        shapes = {n: tuple(p.shape) for n, p in trainer.model.named_parameters()}
-        return {"records": records, "state": trainer.optimizer.state_dict(),
-                "state_bytes": trainer.optimizer.state_bytes(), "shapes": shapes,
-                "blocks": _block_names(trainer), "zero1": layout.zero1, "dp": layout.data,
-                "expected": analytic_step_bytes(cfg, layout, shapes, _block_names(trainer),
-                                                micro_num=per_rank)}
+        trainer = make_trainer(cfg, rank, world, Path(run_dir))
+        records = run_steps(trainer, STEPS - 1)
+        with CommDebugMode() as seen:
+            records += run_steps(trainer, 1, first=STEPS - 1)
+        c10d = {str(op): n for op, n in seen.get_comm_counts().items()}
+        return {"records": records, "c10d_calls": c10d, **summary(trainer)}
 
 
 def _poison_rows(trainer: Trainer, rows: int):
@@ -175,6 +200,22 @@ def test_state_bytes_are_total_over_zero1(distributed):
         assert max(per_rank) - min(per_rank) <= 12 * 64, mode
 
 
+C10D_OPS = {"all_gather": "c10d._allgather_base_", "reduce_scatter": "c10d._reduce_scatter_base_",
+            "all_reduce": "c10d.allreduce_"}
+
+
+def test_every_collective_goes_through_comm(distributed):
+    world, ranks = distributed
+    for mode in MODES[world]:
+        for res in (r[mode] for r in ranks):
+            calls: dict[str, int] = {}
+            for key, n in res["records"][-1].items():
+                if key.startswith("comm/") and key.endswith("/calls"):
+                    op = C10D_OPS[key.split("/")[1]]
+                    calls[op] = calls.get(op, 0) + n
+            assert calls == res["c10d_calls"], mode
+
+
 def test_counted_bytes_equal_formula(distributed):
     world, ranks = distributed
     for mode in MODES[world]:
@@ -185,3 +226,17 @@ def test_counted_bytes_equal_formula(distributed):
                 counted = {k: v for k, v in record.items()
                            if k.startswith("comm/") and k.endswith("/bytes")}
                 assert counted == res["expected"], f"{mode} step {step}"
+
+
+def test_overlap_launches_every_bucket_in_the_last_backward(tmp_path):
+    """overlap_sync_grad: buckets start from gradient hooks of the last micro-batch, not in step."""
+    cfg = tiny_config(dict(zero1=1), dict(overlap_sync_grad=True, reduce_bucket_size=3000))
+    trainer = make_trainer(cfg, 0, 1, tmp_path)
+    opt, forwards, launches = trainer.optimizer, [0], []
+    trainer.model.register_forward_pre_hook(lambda *_: forwards.__setitem__(0, forwards[0] + 1))
+    launch, reduce = opt._launch, opt.reduce_gradients
+    opt._launch = lambda b: (launches.append(("launch", forwards[0])), launch(b))[1]
+    opt.reduce_gradients = lambda: (launches.append(("step", forwards[0])), reduce())[1]
+    trainer.train_step(global_batches()[0])
+    assert len(opt.buckets) > 2
+    assert launches == [("launch", GLOBAL_ROWS)] * len(opt.buckets) + [("step", GLOBAL_ROWS)]

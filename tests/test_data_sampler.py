@@ -60,6 +60,17 @@ def test_state_mismatch_is_refused():
         BatchSampler(12, 2, seed=5).load_state_dict(state)
 
 
+def test_dp_size_change_carries_over_without_repeats():
+    old = [BatchSampler(40, 3, r, 2, seed=9) for r in range(2)]
+    seen = {int(i) for s in old for _ in range(2) for i in s.next_batch()}
+    new = [BatchSampler(40, 2, r, 4, seed=9) for r in range(4)]
+    for s in new:
+        s.load_state_dict(old[0].state_dict())
+    rest = [int(i) for s in new for _ in range(2) for i in s.next_batch()]
+    assert len(seen) == 12 and not seen & set(rest) and len(set(rest)) == 16
+    assert new[0].batch_count == 4 and new[0].epoch == 0
+
+
 def test_too_few_rows():
     with pytest.raises(DataError, match="micro_num=4"):
         BatchSampler(7, 4, 0, 2)

@@ -1,4 +1,4 @@
-"""Streaming: same rows as the tokenized path for the same text, sharding, exact mid-stream resume."""
+"""Streaming: same rows as the tokenized path for the same text, sharding, exact resume."""
 
 import json
 from pathlib import Path
@@ -108,6 +108,9 @@ def test_sharded_across_ranks(tmp_path, lines):
     state = build_train_loader(cfg, 1, 2).state_dict()
     with pytest.raises(DataError, match="rank 1/2 loaded on rank 0/2"):
         build_train_loader(cfg, 0, 2).load_state_dict(state)
+    single = build_train_loader(cfg, 0, 1)  # another dp size: restart the shard, keep the count
+    single.load_state_dict({**state, "batch_count": 5})
+    assert single.batch_count == 5 and single.state_dict()["position"]["record"] == -1
 
 
 def test_parquet_file_and_missing_field(tmp_path, lines):

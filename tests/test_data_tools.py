@@ -15,7 +15,7 @@ from internevo.data.loader import collate
 from internevo.data.packing import PackedDataset
 from internevo.data.tokenized import TokenizedFile, meta_path
 from internevo.data.tokenizer import load_tokenizer
-from internevo.data.tools import alpaca_main, tokenize_file, tokenize_main, tokenize_alpaca
+from internevo.data.tools import alpaca_main, tokenize_alpaca, tokenize_file, tokenize_main
 
 ROOT = Path(__file__).resolve().parents[1]
 TOK2 = ROOT / "assets" / "tokenizer_internlm2.model"

@@ -34,14 +34,28 @@ STATE_VERSION = 1
 Batch = dict
 
 
+_ROW_KEYS = ("input_ids", "labels", "indexes", "type_ids")
+
+
+def stack_rows(packs: list[Pack]) -> dict:
+    """Packed rows as NumPy arrays: ``[M, P]`` int64 per key, ``cu_seqlens`` a list of int32.
+    (Loader workers return these: NumPy pickles through the pipe much faster than tensors
+    travel through shared memory, for batches this small.)"""
+    out: dict = {key: np.stack([p[key] for p in packs]).astype(np.int64) for key in _ROW_KEYS}
+    out["cu_seqlens"] = [p["cu_seqlens"].astype(np.int32) for p in packs]
+    return out
+
+
+def to_batch(rows: dict) -> Batch:
+    """NumPy rows from :func:`stack_rows` -> a Batch of tensors (no copy)."""
+    batch = {key: torch.from_numpy(rows[key]) for key in _ROW_KEYS}
+    batch["cu_seqlens"] = [torch.from_numpy(c) for c in rows["cu_seqlens"]]
+    return batch
+
+
 def collate(packs: list[Pack]) -> Batch:
     """Stack packed rows into a Batch: ``[M, P]`` int64 tensors and a list of ``cu_seqlens``."""
-    def stack(key: str) -> torch.Tensor:
-        return torch.from_numpy(np.stack([p[key] for p in packs]).astype(np.int64))
-
-    return {"input_ids": stack("input_ids"), "labels": stack("labels"),
-            "indexes": stack("indexes"), "type_ids": stack("type_ids"),
-            "cu_seqlens": [torch.from_numpy(p["cu_seqlens"].astype(np.int32)) for p in packs]}
+    return to_batch(stack_rows(packs))
 
 
 # ------------------------------------------------------------------------------ train loader
@@ -53,7 +67,9 @@ class TrainLoader:
     ``state_dict()`` is a small dict of plain Python values (torch.save-able with
     ``weights_only=True``).  Tokenized and dummy states are the same on every rank; a streaming
     state belongs to its rank.  ``load_state_dict`` may be called before or during iteration;
-    iteration continues from the restored position.
+    iteration continues from the restored position.  A state saved with another data-parallel
+    size is accepted with a warning: tokenized/dummy positions carry over approximately,
+    streaming ranks restart their shard (the batch count, hence the ramp-up, carries over).
     """
 
     def __init__(self, source: Any, dataset_types: list[str], num_worker: int,
@@ -98,8 +114,7 @@ class TrainLoader:
                             f"{state.get('kind')!r} loader; this is version {STATE_VERSION} "
                             f"of a {self._source.kind!r} loader (data.type / train_folder "
                             "changed?)")
-        self._source.check(state)
-        self._state = copy.deepcopy(state)
+        self._state = self._source.restore(copy.deepcopy(state))
         self._loads += 1
 
 
@@ -124,8 +139,8 @@ class _PackedSource:
         return {"version": STATE_VERSION, "kind": self.kind,
                 "sampler": self._sampler().state_dict()}
 
-    def check(self, state: dict) -> None:
-        self._sampler(state)
+    def restore(self, state: dict) -> dict:
+        return {**state, "sampler": self._sampler(state).state_dict()}
 
     def batch_count(self, state: dict) -> int:
         return state["sampler"]["batch_count"]
@@ -135,14 +150,14 @@ class _PackedSource:
         if num_worker > 0:
             # A private generator: DataLoader otherwise draws its worker base seed from the
             # global torch RNG, so a resumed run's dropout stream would differ (not bitwise).
-            loader: Iterable[Batch] = torch.utils.data.DataLoader(
-                self.packs, batch_sampler=producer, num_workers=num_worker, collate_fn=collate,
-                generator=torch.Generator())
+            loader: Iterable[dict] = torch.utils.data.DataLoader(
+                self.packs, batch_sampler=producer, num_workers=num_worker,
+                collate_fn=stack_rows, generator=torch.Generator())
         else:
-            loader = (collate([self.packs[i] for i in idx]) for idx in producer)
-        for batch in loader:
+            loader = (stack_rows([self.packs[i] for i in idx]) for idx in producer)
+        for rows in loader:
             shadow.next_batch()  # the consumer-side copy: advanced once per consumed batch
-            yield batch, {**state, "sampler": shadow.state_dict()}
+            yield to_batch(rows), {**state, "sampler": shadow.state_dict()}
 
 
 class _StreamSource:
@@ -157,12 +172,19 @@ class _StreamSource:
         return {"version": STATE_VERSION, "kind": self.kind, "dp_rank": self.packer.dp_rank,
                 "dp_size": self.packer.dp_size, "batch_count": 0, "position": start_position()}
 
-    def check(self, state: dict) -> None:
-        mine = (self.packer.dp_rank, self.packer.dp_size)
-        if (state["dp_rank"], state["dp_size"]) != mine:
+    def restore(self, state: dict) -> dict:
+        rank, size = self.packer.dp_rank, self.packer.dp_size
+        if state["dp_size"] != size:
+            # Stream positions belong to one sharding; another one cannot continue them.
+            log.warning("streaming data state saved with %d data-parallel ranks, resumed with "
+                        "%d: each rank restarts its part of the stream from the beginning",
+                        state["dp_size"], size)
+            return {**self.initial_state(), "batch_count": state["batch_count"]}
+        if state["dp_rank"] != rank:
             raise DataError(f"streaming data state of rank {state['dp_rank']}/{state['dp_size']}"
-                            f" loaded on rank {mine[0]}/{mine[1]}: save and restore every "
-                            "data-parallel rank's own state, with the same data-parallel size")
+                            f" loaded on rank {rank}/{size}: save and restore every "
+                            "data-parallel rank's own state")
+        return state
 
     def batch_count(self, state: dict) -> int:
         return state["batch_count"]
@@ -321,6 +343,10 @@ def build_valid_loaders(cfg: TrainConfig, dp_rank: int, dp_size: int) -> dict[st
     out = {}
     for name, paths in valid_sets(d.valid_folder).items():
         files = [TokenizedFile(p) for p in paths]
+        long = sum(int((f.lengths > d.seq_len).sum()) for f in files)
+        if long:
+            log.info("validation set %s: %d samples longer than seq_len=%d are cut to it",
+                     name, long, d.seq_len)
         loader = ValidLoader(name, files, d.seq_len, d.micro_bsz, rows, dp_rank, dp_size)
         if not len(loader):
             log.warning("validation set %s has %d samples: fewer than micro_bsz=%d per rank "

@@ -19,7 +19,6 @@ Then InternEvo's collate rule: ``input_ids = |tokens|``, ``labels = l if l > 0 e
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass
 from typing import Optional, Protocol
 
 import numpy as np
@@ -32,7 +31,11 @@ Pack = dict  # input_ids, labels, indexes, type_ids: int64 [P]; cu_seqlens: int3
 
 
 class SampleSource(Protocol):
-    """What a packer reads: sample lengths and random access to samples."""
+    """What a packer reads: sample lengths and random access to samples.
+
+    A source may also offer ``read_concat(indices)`` (all those samples' tokens, concatenated)
+    to read many short samples at once.
+    """
 
     lengths: np.ndarray
 
@@ -41,60 +44,72 @@ class SampleSource(Protocol):
     def __getitem__(self, i: int) -> np.ndarray: ...
 
 
-@dataclass
-class Fragment:
-    """The part of one sample inside a row, and the label that follows its last token."""
+def read_concat(source: SampleSource, indices: np.ndarray) -> np.ndarray:
+    """The tokens of ``source[indices]`` laid end to end."""
+    if hasattr(source, "read_concat"):
+        return source.read_concat(indices)
+    parts = [source[int(i)] for i in indices]
+    return np.concatenate(parts) if parts else np.zeros(0, np.int64)
 
-    tokens: np.ndarray
-    next_label: int
-    type_id: int
+
+def build_pack(tokens: np.ndarray, frag_lens: np.ndarray, last_label: int,
+               type_ids: np.ndarray | int, seq_len: int, into_one: bool) -> Pack:
+    """One packed row from its tokens, the lengths of its fragments and the label after the
+    last token (every other fragment ends its sample, so its last label is -100)."""
+    n = len(tokens)
+    raw_labels = np.empty(n, np.int64)
+    raw_labels[:-1] = tokens[1:]
+    raw_labels[np.cumsum(frag_lens)[:-1] - 1] = IGNORE
+    raw_labels[-1] = IGNORE if into_one else last_label
+    if into_one:
+        seglens = np.full(n // seq_len, seq_len, np.int64)
+    else:
+        seglens = split_segments(frag_lens, seq_len)
+    cu = np.concatenate([[0], np.cumsum(seglens)])
+    return {
+        "input_ids": np.abs(tokens),
+        "labels": np.where(raw_labels > 0, raw_labels, IGNORE),
+        "indexes": np.arange(n) - np.repeat(cu[:-1], seglens),
+        "type_ids": np.broadcast_to(np.asarray(type_ids, np.int64), (n,)).copy(),
+        "cu_seqlens": cu.astype(np.int32),
+    }
+
+
+def split_segments(frag_lens: np.ndarray, seq_len: int) -> np.ndarray:
+    """Each fragment cut into ``seq_len``-sized segments plus a remainder, in order."""
+    frag_lens = np.asarray(frag_lens, np.int64)
+    nseg = -(-frag_lens // seq_len)
+    first = np.repeat(np.cumsum(nseg) - nseg, nseg)
+    k = np.arange(int(nseg.sum())) - first  # segment number inside its fragment
+    return np.minimum(seq_len, np.repeat(frag_lens, nseg) - k * seq_len)
 
 
 def cut_window(samples: Iterator[tuple[np.ndarray, int]], offset: int, size: int,
-               into_one: bool) -> tuple[list[Fragment], int]:
-    """Take ``size`` tokens from ``samples`` (tokens, type_id) starting ``offset`` tokens into the
-    first one.  Returns the fragments and how many tokens of the last sample used were consumed.
-    Pulls no sample beyond the last one it needs.  Raises ``StopIteration`` if the samples run
-    out first.
+               seq_len: int, into_one: bool) -> tuple[Pack, int]:
+    """Pack ``size`` tokens of ``samples`` (tokens, type_id), starting ``offset`` tokens into the
+    first one (the streaming packer).  Returns the row and how many tokens of the last sample
+    used are consumed.  Pulls no sample beyond the last one it needs; raises ``StopIteration``
+    if the samples run out first.
     """
-    frags: list[Fragment] = []
-    need, end = size, 0
+    parts, types, lens = [], [], []
+    need, end, last_label = size, 0, IGNORE
     while need > 0:
         tokens, type_id = next(samples)
         end = min(len(tokens), offset + need)
         if end <= offset:  # empty sample, or the offset already at its end
             offset = 0
             continue
-        cut = end < len(tokens)
-        nxt = int(tokens[end]) if cut and not into_one else IGNORE
-        frags.append(Fragment(tokens[offset:end], nxt, type_id))
+        if end < len(tokens):  # only the row's last fragment can be cut mid-sample
+            last_label = int(tokens[end])
+        parts.append(tokens[offset:end])
+        types.append(type_id)
+        lens.append(end - offset)
         need -= end - offset
         offset = 0
-    return frags, end
-
-
-def build_pack(frags: list[Fragment], seq_len: int, packed_length: int, into_one: bool) -> Pack:
-    """Turn a row's fragments into the arrays of one packed row (see module doc)."""
-    tokens = np.concatenate([f.tokens for f in frags])
-    raw_labels = np.concatenate([np.append(f.tokens[1:], f.next_label) for f in frags])
-    type_ids = np.concatenate([np.full(len(f.tokens), f.type_id, np.int64) for f in frags])
-    if into_one:
-        seglens = np.full(packed_length // seq_len, seq_len)
-    else:
-        seglens = np.concatenate([_split(len(f.tokens), seq_len) for f in frags])
-    cu = np.concatenate([[0], np.cumsum(seglens)])
-    return {
-        "input_ids": np.abs(tokens),
-        "labels": np.where(raw_labels > 0, raw_labels, IGNORE),
-        "indexes": np.arange(packed_length) - np.repeat(cu[:-1], seglens),
-        "type_ids": type_ids,
-        "cu_seqlens": cu.astype(np.int32),
-    }
-
-
-def _split(n: int, seq_len: int) -> np.ndarray:
-    q, r = divmod(n, seq_len)
-    return np.array([seq_len] * q + ([r] if r else []), dtype=np.int64)
+    frag_lens = np.array(lens, np.int64)
+    type_ids = np.repeat(np.array(types, np.int64), frag_lens)
+    return build_pack(np.concatenate(parts), frag_lens, last_label, type_ids, seq_len,
+                      into_one), end
 
 
 def check_pack_shape(seq_len: int, packed_length: int, into_one: bool) -> None:
@@ -132,16 +147,19 @@ class PackedDataset:
     def __getitem__(self, k: int) -> Pack:
         if not 0 <= k < len(self):
             raise IndexError(f"pack {k} out of range [0, {len(self)})")
-        start = k * self.packed_length
-        j = int(np.searchsorted(self.cum, start, side="right"))
-        offset = start - (int(self.cum[j - 1]) if j else 0)
-        frags, _ = cut_window(self._samples(j), offset, self.packed_length, self.into_one)
-        return build_pack(frags, self.seq_len, self.packed_length, self.into_one)
-
-    def _samples(self, j: int) -> Iterator[tuple[np.ndarray, int]]:
-        for pos in range(j, len(self.order)):
-            if self.lengths[pos]:  # skip empty samples without reading them
-                yield self.source[int(self.order[pos])], self.type_id
+        start, end = k * self.packed_length, (k + 1) * self.packed_length
+        # samples j0..j1 hold stream positions [start, end); read them in one go
+        j0 = int(np.searchsorted(self.cum, start, side="right"))
+        j1 = int(np.searchsorted(self.cum, end - 1, side="right"))
+        tokens = read_concat(self.source, self.order[j0:j1 + 1])
+        base = int(self.cum[j0] - self.lengths[j0])
+        a, b = start - base, end - base
+        sample_ends = self.cum[j0:j1 + 1] - base
+        inner = np.unique(sample_ends[(sample_ends > a) & (sample_ends < b)]) - a
+        frag_lens = np.diff(np.concatenate([[0], inner, [self.packed_length]]))
+        last_label = int(tokens[b]) if b < len(tokens) else IGNORE
+        return build_pack(tokens[a:b], frag_lens, last_label, self.type_id, self.seq_len,
+                          self.into_one)
 
 
 class ConcatPacks:

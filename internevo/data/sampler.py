@@ -6,17 +6,21 @@ as in InternEvo's ``StaticBatchSampler``).  Data-parallel rank r takes ``perm[r:
 ramp-up batch size of the global batch index; when fewer rows than the next batch needs are left,
 the rest of the epoch is dropped and the next epoch starts, so every rank always yields batches of
 the same size in lock step.  The whole position is three integers (``epoch``, ``offset``,
-``batch_count``): the state is tiny and rank independent.
+``batch_count``): the state is tiny and rank independent (and survives a change of the
+data-parallel size approximately, see :meth:`BatchSampler.load_state_dict`).
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator
 from typing import Optional
 
 import numpy as np
 
 from internevo.data.errors import DataError
+
+log = logging.getLogger(__name__)
 
 
 def parse_rampup(text: Optional[str]) -> Optional[tuple[int, int, int]]:
@@ -76,12 +80,18 @@ class BatchSampler:
                             "lower micro_num / micro_bsz / seq_len")
         self.epoch = self.offset = self.batch_count = 0
         self._rng = np.random.RandomState(seed)
-        self._rows = self._shuffle()
+        self._rows, self._rows_epoch = np.zeros(0, np.int64), -1
 
-    def _shuffle(self) -> np.ndarray:
-        perm = np.arange(self.num_rows)
-        self._rng.shuffle(perm)
-        return perm[self.dp_rank::self.dp_size][: self.rows_per_rank]
+    def _rows_of(self, epoch: int) -> np.ndarray:
+        """This rank's rows of ``epoch`` (shuffled lazily: building a sampler costs nothing)."""
+        if self._rows_epoch > epoch:
+            self._rng, self._rows_epoch = np.random.RandomState(self.seed), -1
+        while self._rows_epoch < epoch:  # the RNG stream runs on across epochs
+            perm = np.arange(self.num_rows)
+            self._rng.shuffle(perm)
+            self._rows = perm[self.dp_rank::self.dp_size][: self.rows_per_rank]
+            self._rows_epoch += 1
+        return self._rows
 
     def next_batch(self) -> np.ndarray:
         """Row indices of the next batch (and advance)."""
@@ -89,8 +99,7 @@ class BatchSampler:
         if self.offset + size > self.rows_per_rank:
             self.epoch += 1
             self.offset = 0
-            self._rows = self._shuffle()
-        batch = self._rows[self.offset: self.offset + size]
+        batch = self._rows_of(self.epoch)[self.offset: self.offset + size]
         self.offset += size
         self.batch_count += 1
         return batch
@@ -106,14 +115,22 @@ class BatchSampler:
                 "num_rows": self.num_rows}
 
     def load_state_dict(self, state: dict) -> None:
-        """Restore a position saved by :meth:`state_dict` (same seed, dp size, data, ramp-up)."""
-        for key in ("seed", "dp_size", "rampup", "num_rows"):
+        """Restore a position saved by :meth:`state_dict` (same seed, data and ramp-up).
+
+        Saved with another data-parallel size, the position carries over approximately: the
+        ranks together consumed the first ``offset * dp_size`` rows of the epoch's permutation,
+        and the new ranks start just past them (rounded up: rows may be skipped, none repeated).
+        """
+        for key in ("seed", "rampup", "num_rows"):
             if state[key] != getattr(self, key):
                 raise DataError(f"data state mismatch: saved {key}={state[key]!r}, now "
-                                f"{getattr(self, key)!r}; the data, seed, ramp-up and "
-                                "data-parallel size must not change on resume")
-        self._rng = np.random.RandomState(self.seed)
-        for _ in range(state["epoch"] + 1):  # replay the RNG stream up to the saved epoch
-            self._rows = self._shuffle()
+                                f"{getattr(self, key)!r}; the data, seed and ramp-up must not "
+                                "change on resume")
         self.epoch, self.offset = state["epoch"], state["offset"]
         self.batch_count = state["batch_count"]
+        if state["dp_size"] != self.dp_size:
+            consumed = state["offset"] * state["dp_size"]
+            self.offset = -(-consumed // self.dp_size)
+            log.warning("data state saved with %d data-parallel ranks, resumed with %d: the "
+                        "position carries over approximately (%d rows of the epoch consumed)",
+                        state["dp_size"], self.dp_size, consumed)

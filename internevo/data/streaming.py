@@ -27,7 +27,7 @@ from typing import Any, Optional
 import numpy as np
 
 from internevo.data.errors import DataError
-from internevo.data.packing import Pack, build_pack, check_pack_shape, cut_window
+from internevo.data.packing import Pack, check_pack_shape, cut_window
 from internevo.data.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
@@ -101,14 +101,13 @@ class StreamPacker:
         offset = pos["offset"]
         while True:
             try:
-                frags, end = cut_window(cursor.samples(), offset, self.packed_length,
-                                        self.into_one)
+                pack, end = cut_window(cursor.samples(), offset, self.packed_length,
+                                       self.seq_len, self.into_one)
             except StopIteration:
                 return  # the tail shorter than a row is dropped, as for files
             _, state, record = cursor.current
             offset = end
-            after = {**pos, "chunk_state": state, "record": record, "offset": end}
-            yield build_pack(frags, self.seq_len, self.packed_length, self.into_one), after
+            yield pack, {**pos, "chunk_state": state, "record": record, "offset": end}
 
     def _samples(self, pos: dict) -> Iterator[tuple[np.ndarray, Any, int]]:
         """(tokens, state before its chunk, index in chunk), starting at ``pos``'s sample."""

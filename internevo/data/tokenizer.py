@@ -12,6 +12,11 @@ from typing import Optional
 
 from internevo.data.errors import DataError
 
+# Files of which a Hugging Face tokenizer folder has at least one (checked before importing
+# transformers, so a wrong folder fails fast).
+HF_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model",
+                      "vocab.json", "vocab.txt", "spiece.model")
+
 
 class Tokenizer:
     """Common interface; use :func:`load_tokenizer` to get one."""
@@ -50,7 +55,7 @@ class Tokenizer:
 class SentencePieceTokenizer(Tokenizer):
     """A SentencePiece model file (InternLM, InternLM2)."""
 
-    def __init__(self, path: str, num_threads: int = -1):
+    def __init__(self, path: str, num_threads: int = 1):
         import sentencepiece as spm
 
         self.path = str(path)
@@ -65,7 +70,10 @@ class SentencePieceTokenizer(Tokenizer):
 
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
         """Token ids of each text (SentencePiece's own ``encode``, no BOS/EOS)."""
-        return self.sp.encode(list(texts), num_threads=self.num_threads)
+        if self.num_threads > 1:
+            return self.sp.encode(list(texts), num_threads=self.num_threads)
+        # one call per text: measured faster than the batch call's thread pool for short texts
+        return [self.sp.encode(t) for t in texts]
 
     def token_to_id(self, piece: str) -> Optional[int]:
         """Id of ``piece`` or None when it is unknown."""
@@ -104,15 +112,18 @@ def _or_none(idx: int) -> Optional[int]:
     return None if idx < 0 else int(idx)
 
 
-def load_tokenizer(path: str | Path, num_threads: int = -1) -> Tokenizer:
+def load_tokenizer(path: str | Path, num_threads: int = 1) -> Tokenizer:
     """Open a SentencePiece ``.model`` file or a Hugging Face tokenizer folder.
 
     Raises :class:`DataError` naming ``path`` when it does not exist or is not a tokenizer.
-    ``num_threads`` is SentencePiece's batch-encoding thread count (-1 = its default).
+    ``num_threads`` > 1 makes SentencePiece encode batches with that many threads.
     """
     p = Path(path)
     if not p.exists():
         raise DataError(f"{path}: tokenizer path does not exist")
     if p.is_dir():
+        if not any((p / name).is_file() for name in HF_TOKENIZER_FILES):
+            raise DataError(f"{path}: not a Hugging Face tokenizer folder (none of "
+                            f"{', '.join(HF_TOKENIZER_FILES)})")
         return HFTokenizer(str(p))
     return SentencePieceTokenizer(str(p), num_threads=num_threads)

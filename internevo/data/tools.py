@@ -153,7 +153,9 @@ def encoded_chunks(source: Iterator[Chunk], tokenizer_path: str,
         return
     import multiprocessing as mp
 
-    with mp.get_context("spawn").Pool(workers, _init_worker, (tokenizer_path,)) as pool:
+    # fork: workers need nothing from __main__, so callers need no `if __name__` guard
+    method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
+    with mp.get_context(method).Pool(workers, _init_worker, (tokenizer_path,)) as pool:
         pending: deque = deque()
         for chunk in source:  # a bounded window keeps memory flat on huge inputs
             pending.append((pool.apply_async(_encode_chunk, (chunk.texts,)), chunk.nbytes))

@@ -31,6 +31,15 @@ _OPS = {
 }
 
 
+def human_bytes(n: float) -> str:
+    """``1536`` -> ``"1.50 KiB"``."""
+    for unit in ("B", "KiB", "MiB"):
+        if abs(n) < 1024:
+            return f"{n:.0f} B" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1024
+    return f"{n:.2f} GiB"
+
+
 Op = Union[str, Any]
 """A reduction: ``"sum" | "avg" | "max" | "min"`` or a ``torch.distributed.ReduceOp``."""
 
@@ -86,12 +95,16 @@ class Comm:
         return sum(self.bytes.values())
 
     def report(self) -> str:
-        """A table of calls, payload bytes and ring wire bytes per collective and group."""
-        lines = [f"{'collective':<15}{'group':<15}{'calls':>7}{'payload MB':>13}{'wire MB':>11}"]
-        for (kind, group), n in sorted(self.bytes.items()):
-            wire = wire_bytes(kind, n, self.layout.size(group))
-            lines.append(f"{kind:<15}{group:<15}{self.calls[(kind, group)]:>7}"
-                         f"{n / 2**20:>13.3f}{wire / 2**20:>11.3f}")
+        """A table of calls, payload bytes and ring wire bytes (sent per rank) per collective
+        and group, since the last reset, with a total line."""
+        rows = [(kind, group, self.calls[(kind, group)], n,
+                 wire_bytes(kind, n, self.layout.size(group)))
+                for (kind, group), n in sorted(self.bytes.items())]
+        rows.append(("total", "", sum(r[2] for r in rows), sum(r[3] for r in rows),
+                     sum(r[4] for r in rows)))
+        lines = [f"{'collective':<15}{'group':<15}{'calls':>7}{'payload':>13}{'wire/rank':>13}"]
+        lines += [f"{kind:<15}{group:<15}{calls:>7}{human_bytes(n):>13}{human_bytes(w):>13}"
+                  for kind, group, calls, n, w in rows]
         return "\n".join(lines)
 
     # ----------------------------------------------------------------------------- collectives
