@@ -7,6 +7,7 @@ import sys
 from typing import Optional, Sequence
 
 from internevo.config import ConfigError
+from internevo.train.checkpoint import CheckpointError
 
 
 def add_train_arguments(parser: argparse.ArgumentParser) -> None:
@@ -71,6 +72,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return commands[argv[0]](argv[1:]) or 0
     except ConfigError as err:
         print(f"config error: {err}", file=sys.stderr)
+        return 2
+    except CheckpointError as err:
+        print(f"checkpoint error: {err}", file=sys.stderr)
         return 2
 
 

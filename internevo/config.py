@@ -717,8 +717,23 @@ def load_config(path: str | Path, overrides: Optional[dict] = None) -> TrainConf
     for dotted, value in (overrides or {}).items():
         _set_dotted(values, dotted, value)
     cfg = config_from_dict(values, str(path))
-    cfg.text = text
+    cfg.text = text + _overrides_as_code(overrides or {})
     return cfg
+
+
+def _overrides_as_code(overrides: dict) -> str:
+    """Python appended to the saved config text so that it re-creates the same config."""
+    if not overrides:
+        return ""
+    lines = ["", "", "# overrides given on the command line (--set)",
+             "def _override(dotted, value):",
+             "    *parents, last = dotted.split('.')",
+             "    node = globals()",
+             "    for part in parents:",
+             "        node = node.setdefault(part, {})",
+             "    node[last] = value", ""]
+    lines += [f"_override({k!r}, {v!r})" for k, v in overrides.items()]
+    return "\n".join(lines) + "\n"
 
 
 def _set_dotted(values: dict, dotted: str, value: Any) -> None:

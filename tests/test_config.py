@@ -93,3 +93,12 @@ def test_broken_file_is_named(tmp_path):
         load_config(write(tmp_path, "data = dict(\n"))
     with pytest.raises(ConfigError, match="not found"):
         load_config(tmp_path / "missing.py")
+
+
+def test_saved_text_reproduces_overrides(tmp_path):
+    path = write(tmp_path, "data = dict(seq_len=8, micro_bsz=1, total_steps=2)\n")
+    cfg = load_config(path, {"data.total_steps": 7, "model.hidden_size": 64})
+    again = tmp_path / "again.py"
+    again.write_text(cfg.text)
+    reloaded = load_config(again)
+    assert reloaded.data.total_steps == 7 and reloaded.model.hidden_size == 64
