@@ -3,7 +3,8 @@
 Steps: split ``assets/tinyshakespeare.txt`` into speeches (blank-line separated blocks; every
 20th goes to validation) as JSONL, tokenize them with the raw-data tokenizer and the real
 InternLM2 tokenizer into ``demo_data/{train,valid}/en/``, train ``configs/demo.py`` into
-``runs/demo``, then print the loss curve's ends, throughput and where the logs are.
+``runs/demo``, print the loss curve's ends, throughput and where the logs are, then export the
+final checkpoint to a Hugging Face folder and generate a continuation with ``transformers``.
 """
 
 from __future__ import annotations
@@ -78,12 +79,31 @@ def summarise(history: list[dict]) -> None:
     print(f"  TensorBoard: tensorboard --logdir {RUN_DIR / 'tensorboard'}")
 
 
+def export_and_generate(prompt: str = "ROMEO:") -> None:
+    """Export the final checkpoint to a Hugging Face Llama folder and continue ``prompt`` with it."""
+    from transformers import AutoTokenizer, LlamaForCausalLM
+
+    from internevo.models.hf import convert_main
+
+    hf_dir = RUN_DIR / "hf"
+    convert_main(["to-hf", "--src", str(RUN_DIR / "checkpoints"), "--tgt", str(hf_dir),
+                  "--tokenizer", str(TOKENIZER), "--format", "llama", "--dtype", "float32",
+                  "--overwrite"])
+    tokenizer = AutoTokenizer.from_pretrained(hf_dir)
+    model = LlamaForCausalLM.from_pretrained(hf_dir)
+    ids = tokenizer(prompt, return_tensors="pt").input_ids
+    out = model.generate(ids, max_new_tokens=40, do_sample=False)
+    print(f"\n[demo] exported to {hf_dir} (stock transformers LlamaForCausalLM); greedy continuation:")
+    print(tokenizer.decode(out[0], skip_special_tokens=True))
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the whole demo; extra arguments go to the trainer (e.g. ``--set data.total_steps=20``)."""
     extra = list(sys.argv[1:] if argv is None else argv)
     prepare_data()
     history = train(extra)
     summarise(history)
+    export_and_generate()
     return 0
 
 

@@ -18,6 +18,7 @@ from internevo.models.registry import apply_activation_checkpointing, build_mode
 from internevo.parallel.comm import Comm
 from internevo.parallel.fsdp import FSDPOptimizer, shard_model
 from internevo.parallel.layout import ParallelLayout
+from internevo.parallel.tensor import VocabParallelLoss, apply_tensor_parallel
 from internevo.parallel.zero import HybridZeroOptimizer, ShardedAdamW
 from internevo.train.loss import lm_loss
 from internevo.train.schedules import LossScaler
@@ -27,11 +28,14 @@ def parallelize(cfg: TrainConfig, layout: ParallelLayout, comm: Comm, device: to
                 seed: int) -> nn.Module:
     """Build the model for this rank with every configured parallel mode applied."""
     model = build_model(cfg, seed=seed, device="meta" if layout.fsdp else "cpu")
+    if not layout.fsdp:  # DTensor shards are cut on the final device
+        model = model.to(device)
+    apply_tensor_parallel(model, cfg, layout, comm, device.type)
     if cfg.model.checkpoint:
         apply_activation_checkpointing(model, cfg.model.checkpoint)
     if layout.fsdp:
         return shard_model(model, cfg, layout, comm, device, seed)
-    return model.to(device)
+    return model
 
 
 def build_optimizer(model: nn.Module, cfg: TrainConfig, layout: ParallelLayout, comm: Comm,
@@ -45,6 +49,8 @@ def build_optimizer(model: nn.Module, cfg: TrainConfig, layout: ParallelLayout, 
 
 def build_loss(cfg: TrainConfig, layout: ParallelLayout,
                comm: Comm) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
-    """Cross entropy with the configured label smoothing."""
+    """Cross entropy with the configured label smoothing (vocab-parallel on sharded logits)."""
     smoothing = cfg.loss.label_smoothing
+    if layout.tensor > 1 and cfg.model.parallel_output:
+        return VocabParallelLoss(comm, smoothing)
     return lambda logits, labels: lm_loss(logits, labels, smoothing)

@@ -87,7 +87,7 @@ class LossScaler:
     hysteresis_step: int = 0
 
     @classmethod
-    def from_config(cls, cfg: TrainConfig) -> "LossScaler":
+    def from_config(cls, cfg: TrainConfig) -> LossScaler:
         """Dynamic scaling for fp16 only; bf16 and fp32 have the range to need none."""
         gs = cfg.grad_scaler
         enabled = cfg.model.dtype == "torch.float16"

@@ -97,6 +97,10 @@ class Trainer:
 
     def row_stats(self, logits: torch.Tensor, batch: dict, m: int) -> dict:
         """Per-type token counts, correct predictions and NLL of one row (for metrics)."""
+        sharded = getattr(self.loss_fn, "token_stats", None)
+        if sharded is not None:  # vocab-sharded logits: counted collectives, no logits gather
+            return sharded(logits.detach(), batch["labels"][m:m + 1],
+                           batch["type_ids"][m:m + 1], self.num_types)
         full = getattr(logits, "full_tensor", None)
         logits = full() if callable(full) else logits
         return token_stats(logits.detach(), batch["labels"][m:m + 1], batch["type_ids"][m:m + 1],
@@ -107,6 +111,7 @@ class Trainer:
         self.comm.reset()
         start = time.perf_counter()
         self.model.train()
+        self.check_token_ids(batch)
         batch = _to_device(batch, self.device)
         loss, stats = self.forward_backward(batch, self.scaler.scale)
         outcome = self.optimizer.step(self.schedules.lr(), self.schedules.beta2())
@@ -120,6 +125,16 @@ class Trainer:
         self.comm.all_reduce(loss_t, "data", op="avg")
         elapsed = time.perf_counter() - start
         return self._record(batch, loss_t.item(), lr, outcome, stats, elapsed)
+
+    def check_token_ids(self, batch: dict) -> None:
+        """Token ids at or beyond the vocabulary would index out of the embedding: say so."""
+        top = int(batch["input_ids"].max())
+        vocab = self.cfg.model.vocab_size
+        if top >= vocab:
+            source = self.cfg.data.train_folder or "the dummy dataset (ids up to 199)"
+            raise ValueError(f"batch {self.state.batch_count}: token id {top} from {source} is "
+                             f"outside model.vocab_size={vocab}; use the tokenizer's vocabulary "
+                             "size")
 
     def _record(self, batch: dict, loss: float, lr: float, outcome: Any, stats: dict,
                 elapsed: float) -> dict:

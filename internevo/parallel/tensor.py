@@ -1,0 +1,619 @@
+"""Tensor parallel (mtp) and sequence parallel (msp, fsp), and the vocab-parallel cross entropy.
+
+Sharded parameters are DTensors on the 1-D ``tensor`` mesh (``Shard(0)`` column-parallel,
+``Shard(1)`` row-parallel), so DCP checkpoints reshard across tensor sizes and ``init.py`` fills
+them layout-independently.  The forward never lets DTensor communicate: it works on
+``param.to_local()`` and moves activations with the explicit autograd functions below, which all
+call :class:`~internevo.parallel.comm.Comm` (so every collective is counted).  PyTorch's
+``ColwiseParallel``/``SequenceParallel`` styles would issue their collectives through DTensor
+redistribution, invisible to the counter, and cannot express fsp's re-gather.
+
+The model code is untouched.  A *region* is a module whose input enters the tensor-parallel part
+(a block's attention and MLP, and the output head): a forward pre-hook replicates (mtp) or gathers
+along the sequence (msp/fsp) its input once; the region's column-parallel linears then compute
+their local output features; its row-parallel linear all-reduces (mtp) or reduce-scatters along
+the sequence (msp/fsp).  Per mode and layer the collectives are (docs/architecture.md)::
+
+    mtp  fwd: 2 all-reduce (row outputs)          bwd: 2 all-reduce (region input grads)
+    msp  fwd: 2 all-gather + 2 reduce-scatter     bwd: 2 reduce-scatter + 2 all-gather
+                                                       + 2 all-reduce (norm-weight grads)
+    fsp  as msp, + 3 all-gather in bwd (each column linear re-gathers its input)
+
+Under sequence parallel the norm weights (and a row-parallel bias) see only the local tokens, so
+their gradient is summed over the tensor group inside autograd (every micro-step: tiny, and it
+works with overlapped ZeRO reduction, FSDP and activation checkpointing alike).  InternEvo
+averages instead of summing; the sum is what one process computes.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.autograd import Function
+
+from internevo.config import ConfigError, TrainConfig
+from internevo.models.layers import RMSNorm
+from internevo.parallel.comm import Comm
+from internevo.parallel.layout import ParallelLayout
+from internevo.train.loss import IGNORE_INDEX
+
+GROUP = "tensor"
+SEQ_DIM = 1  # activations are [B, S, h]; sequence parallel splits S (B == 1 when packed)
+
+
+# ------------------------------------------------------------------------------------------
+# collectives along a tensor dimension (Comm works on dim 0 of flat buffers)
+
+
+def _size(comm: Comm) -> int:
+    return comm.layout.tensor
+
+
+def gather_dim(comm: Comm, x: Tensor, dim: int) -> Tensor:
+    """All-gather ``x`` from every tensor rank and concatenate along ``dim``."""
+    n = _size(comm)
+    if n == 1:
+        return x
+    x = x.contiguous()
+    out = x.new_empty((n * x.numel(),))
+    comm.all_gather(out, x.reshape(-1), GROUP)
+    return torch.cat(out.view(n, *x.shape).unbind(0), dim=dim)
+
+
+def reduce_scatter_dim(comm: Comm, x: Tensor, dim: int) -> Tensor:
+    """Sum ``x`` over the tensor ranks and keep this rank's chunk along ``dim``."""
+    n = _size(comm)
+    if n == 1:
+        return x
+    chunks = torch.stack(x.chunk(n, dim=dim))  # [n, ...]: rank r's chunk is contiguous row r
+    out = x.new_empty(chunks.shape[1:])
+    comm.reduce_scatter(out.view(-1), chunks.view(-1), GROUP)
+    return out
+
+
+def split_dim(comm: Comm, x: Tensor, dim: int) -> Tensor:
+    """This rank's chunk of ``x`` along ``dim`` (no communication)."""
+    n = _size(comm)
+    return x if n == 1 else x.chunk(n, dim=dim)[comm.layout.tp_rank].contiguous()
+
+
+def all_reduce(comm: Comm, x: Tensor, op: str = "sum") -> Tensor:
+    """A summed (or max/min) copy of ``x`` over the tensor group."""
+    out = x.clone()
+    comm.all_reduce(out, GROUP, op=op)
+    return out
+
+
+# ------------------------------------------------------------------------------------------
+# autograd functions (forward / backward collective pairs)
+
+
+class _CopyToTP(Function):
+    """mtp region entry: identity forward, all-reduce of the input gradient in backward."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, comm: Comm) -> Tensor:
+        ctx.comm = comm
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple:
+        return all_reduce(ctx.comm, grad), None
+
+
+class _ReduceFromTP(Function):
+    """mtp row-linear exit: all-reduce forward, identity backward."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, comm: Comm) -> Tensor:
+        return all_reduce(comm, x)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple:
+        return grad, None
+
+
+class _GatherScatter(Function):
+    """sp region entry: all-gather along ``dim``; backward reduce-scatters the gradient."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, comm: Comm, dim: int) -> Tensor:
+        ctx.comm, ctx.dim = comm, dim
+        return gather_dim(comm, x, dim)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple:
+        return reduce_scatter_dim(ctx.comm, grad, ctx.dim), None, None
+
+
+class _ScatterGather(Function):
+    """sp row-linear exit: reduce-scatter along ``dim`` forward, all-gather backward."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, comm: Comm, dim: int) -> Tensor:
+        ctx.comm, ctx.dim = comm, dim
+        return reduce_scatter_dim(comm, x, dim)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple:
+        return gather_dim(ctx.comm, grad.contiguous(), ctx.dim), None, None
+
+
+class _GatherSplit(Function):
+    """Gather a tensor whose gradient is replicated: all-gather forward, local split backward."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, comm: Comm, dim: int) -> Tensor:
+        ctx.comm, ctx.dim = comm, dim
+        return gather_dim(comm, x, dim)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple:
+        return split_dim(ctx.comm, grad, ctx.dim), None, None
+
+
+class _SplitGather(Function):
+    """Keep the local chunk of a replicated tensor: split forward, all-gather backward."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, comm: Comm, dim: int) -> Tensor:
+        ctx.comm, ctx.dim = comm, dim
+        return split_dim(comm, x, dim)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple:
+        return gather_dim(ctx.comm, grad.contiguous(), ctx.dim), None, None
+
+
+class _SumGrad(Function):
+    """Identity forward; the gradient is summed over the tensor group (sequence-parallel params)."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, comm: Comm) -> Tensor:
+        ctx.comm = comm
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple:
+        return all_reduce(ctx.comm, grad), None
+
+
+class _FSPLinear(Function):
+    """fsp column linear: saves the local sequence shard only and re-gathers it in backward.
+
+    ``x_full`` (the region's gathered input) carries the gradient; ``x_local`` is what is kept.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, x_full: Tensor, x_local: Tensor, weight: Tensor,
+                bias: Optional[Tensor], comm: Comm) -> Tensor:
+        ctx.comm, ctx.has_bias = comm, bias is not None
+        ctx.save_for_backward(x_local, weight)
+        return F.linear(x_full, weight, bias)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple:
+        x_local, weight = ctx.saved_tensors
+        x_full = gather_dim(ctx.comm, x_local, SEQ_DIM)  # the extra all-gather of fsp
+        g2 = grad.reshape(-1, grad.shape[-1])
+        grad_w = g2.t().mm(x_full.reshape(-1, x_full.shape[-1]))
+        grad_b = g2.sum(0) if ctx.has_bias else None
+        return grad.matmul(weight), None, grad_w, grad_b, None
+
+
+# ------------------------------------------------------------------------------------------
+# parallel modules (class-swapped in place: parameter names and state_dict keys are unchanged)
+
+
+@dataclass
+class TPContext:
+    """What every tensor-parallel module needs: the counter, the mode, the mesh."""
+
+    comm: Comm
+    mode: str
+    mesh: Any
+    local_input: list = field(default_factory=list)
+    """fsp: the local sequence shard of each open region's input (a stack: regions nest)."""
+
+    @property
+    def sequence_parallel(self) -> bool:
+        """msp or fsp."""
+        return self.mode in ("msp", "fsp")
+
+
+def _local(t: Optional[Tensor]) -> Optional[Tensor]:
+    return t.to_local() if t is not None and hasattr(t, "to_local") else t
+
+
+class ColumnParallelLinear(nn.Linear):
+    """Output features split across the tensor group; the input is the region's full input."""
+
+    tp: TPContext
+    fsp_input: Optional[list] = None
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Local output features; under fsp only the region's local input shard is saved."""
+        weight, bias = self.local_weight(), _local(self.bias)
+        if self.tp.mode == "fsp" and self.tp.local_input:
+            return _FSPLinear.apply(x, self.tp.local_input[-1], weight, bias, self.tp.comm)
+        return F.linear(x, weight, bias)
+
+    def local_weight(self) -> Tensor:
+        """This rank's ``[out/tp, in]`` rows."""
+        return self.weight.to_local()
+
+
+class FusedQKVColumnLinear(ColumnParallelLinear):
+    """InternLM v1 ``Wqkv``: the parameter is a ``[3, H*d, h]`` DTensor sharded on dim 1, so each
+    rank's rows are its heads of Q, K and V (the canonical ``[Q; K; V]`` order is kept globally)."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        """As :class:`ColumnParallelLinear` on the flattened local ``[Q_r; K_r; V_r]`` rows."""
+        weight, bias = self.local_weight(), _local(self.bias)
+        bias = bias.reshape(-1) if bias is not None else None
+        if self.tp.mode == "fsp" and self.tp.local_input:
+            return _FSPLinear.apply(x, self.tp.local_input[-1], weight, bias, self.tp.comm)
+        return F.linear(x, weight, bias)
+
+    def local_weight(self) -> Tensor:
+        """``[3 * H*d/tp, h]``."""
+        w = self.weight.to_local()
+        return w.reshape(-1, w.shape[-1])
+
+
+class RowParallelLinear(nn.Linear):
+    """Input features split; partial outputs all-reduced (mtp) or reduce-scattered (sp); the
+    (replicated) bias is added once, after the reduction."""
+
+    tp: TPContext
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Local partial product, reduced over the tensor group, plus the bias."""
+        out = F.linear(x, self.weight.to_local())
+        if self.tp.sequence_parallel:
+            out = _ScatterGather.apply(out, self.tp.comm, SEQ_DIM)
+        else:
+            out = _ReduceFromTP.apply(out, self.tp.comm)
+        if self.bias is None:
+            return out
+        bias = _SumGrad.apply(self.bias, self.tp.comm) if self.tp.sequence_parallel else self.bias
+        return out + bias
+
+
+class SequenceParallelRMSNorm(RMSNorm):
+    """RMSNorm on the local tokens; the weight gradient is summed over the tensor group."""
+
+    tp: TPContext
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Normalise the last dimension (fp32 math, as :class:`RMSNorm`)."""
+        weight = _SumGrad.apply(self.weight, self.tp.comm)
+        return F.rms_norm(x.float(), weight.shape, weight.float(), self.eps).to(x.dtype)
+
+
+class VocabParallelEmbedding(nn.Embedding):
+    """Rows (vocabulary) split: masked local lookup, then all-reduce (mtp) or reduce-scatter
+    along the sequence (sp: the sum and the sequence split in one collective)."""
+
+    tp: TPContext
+
+    def forward(self, ids: Tensor) -> Tensor:
+        """Embed ``ids [B, S]``."""
+        weight = self.weight.to_local()
+        start = self.tp.comm.layout.tp_rank * weight.shape[0]
+        outside = (ids < start) | (ids >= start + weight.shape[0])
+        out = F.embedding((ids - start).masked_fill(outside, 0), weight)
+        out = out.masked_fill(outside.unsqueeze(-1), 0.0)
+        if self.tp.sequence_parallel:
+            return _ScatterGather.apply(out, self.tp.comm, SEQ_DIM)
+        return _ReduceFromTP.apply(out, self.tp.comm)
+
+
+class HiddenParallelEmbedding(nn.Embedding):
+    """``embed_split_hidden``: columns (hidden) split; all-gather the hidden dim, then keep the
+    local sequence chunk under sp."""
+
+    tp: TPContext
+
+    def forward(self, ids: Tensor) -> Tensor:
+        """Embed ``ids [B, S]``."""
+        out = _GatherSplit.apply(F.embedding(ids, self.weight.to_local()), self.tp.comm, -1)
+        if self.tp.sequence_parallel:
+            return _SplitGather.apply(out, self.tp.comm, SEQ_DIM)
+        return out
+
+
+class ParallelHead(ColumnParallelLinear):
+    """Output head: column-parallel over the vocabulary.  ``parallel_output=True`` returns the
+    logits as a vocab-sharded DTensor (``Shard(-1)``); otherwise they are all-gathered."""
+
+    parallel_output: bool = True
+
+    def forward(self, x: Tensor) -> Tensor:
+        """``[B, S, h]`` (full sequence: the region entry gathered it) -> logits."""
+        local = super().forward(x)
+        if not self.parallel_output:
+            return _GatherSplit.apply(local, self.tp.comm, -1)
+        from torch.distributed.tensor import DTensor, Shard
+
+        return DTensor.from_local(local, self.tp.mesh, [Shard(local.dim() - 1)], run_check=False)
+
+
+# ------------------------------------------------------------------------------------------
+# the plan: which module of which model gets which treatment
+
+
+@dataclass(frozen=True)
+class TPPlan:
+    """Module names (inside each block, or at the top) and how each is parallelised."""
+
+    embedding: str
+    head: str
+    regions: dict[str, tuple[tuple[str, ...], tuple[str, ...]]]
+    """Region (inside a block) -> (column-parallel linears, row-parallel linears)."""
+    fused_qkv: tuple[str, ...] = ()
+    """Column linears whose rows are ``[Q; K; V]`` blocks (InternLM v1): sharded per block."""
+
+
+PLANS = {
+    "INTERNLM2_PUBLIC": TPPlan(
+        embedding="tok_embeddings", head="output",
+        regions={"attention": (("wqkv",), ("wo",)), "feed_forward": (("w1", "w3"), ("w2",))}),
+    "INTERNLM": TPPlan(
+        embedding="embedding", head="head",
+        regions={"mixer": (("Wqkv",), ("out_proj",)), "mlp": (("w1", "w3"), ("w2",))},
+        fused_qkv=("Wqkv",)),
+}
+
+
+def check_tensor_shapes(cfg: TrainConfig, tp: int) -> None:
+    """Reject shapes the tensor split cannot cut exactly (vocabulary and FFN width)."""
+    from internevo.models.layers import ffn_hidden
+
+    if tp == 1:
+        return
+    m = cfg.model
+    where = f"{cfg.source or '<config>'}: parallel.tensor.size={tp}"
+    if m.vocab_size % tp:
+        raise ConfigError(f"{where} does not divide model.vocab_size={m.vocab_size} (the "
+                          "embedding and output head are split on the vocabulary; pad the "
+                          "vocabulary to a multiple of the tensor size)")
+    ffn = ffn_hidden(m.hidden_size, m.mlp_ratio, m.multiple_of)
+    if ffn % tp:
+        raise ConfigError(f"{where} does not divide the FFN width {ffn} (model.hidden_size * "
+                          "model.mlp_ratio rounded to model.multiple_of)")
+
+
+def apply_tensor_parallel(model: nn.Module, cfg: TrainConfig, layout: ParallelLayout,
+                          comm: Comm, device_type: str = "cpu") -> nn.Module:
+    """Shard ``model`` (built for one device, any device incl. meta) in place for tp > 1."""
+    if layout.tensor == 1:
+        return model
+    if layout.tensor_mode not in ("mtp", "msp", "fsp"):
+        raise ConfigError(f"parallel.tensor.mode={layout.tensor_mode!r} is not implemented here")
+    check_tensor_shapes(cfg, layout.tensor)
+    plan = PLANS[cfg.model_type]
+    tp = TPContext(comm, layout.tensor_mode, layout.device_mesh(device_type)["tensor"])
+    for block in model.transformer_blocks():
+        for region, (columns, rows) in plan.regions.items():
+            module = block.get_submodule(region)
+            for name in columns:
+                fused = name in plan.fused_qkv
+                _to_column(module.get_submodule(name), tp, fused)
+            for name in rows:
+                _swap(module.get_submodule(name), RowParallelLinear, tp, {"weight": 1})
+            _enter_region(module, tp)
+    _parallel_embedding(model.get_submodule(plan.embedding), tp, cfg.model.embed_split_hidden)
+    head = model.get_submodule(plan.head)
+    _swap(head, ParallelHead, tp, {"weight": 0, "bias": 0})
+    head.parallel_output = cfg.model.parallel_output
+    _enter_region(head, tp)
+    if tp.sequence_parallel:
+        for module in model.modules():
+            if type(module) is RMSNorm:
+                _swap(module, SequenceParallelRMSNorm, tp, {})
+        _full_row_context(model, layout.tensor)
+    return model
+
+
+def _swap(module: nn.Module, cls: type, tp: TPContext, shard_dims: dict[str, int]) -> None:
+    """Turn ``module`` into ``cls`` and its parameters named in ``shard_dims`` into DTensors."""
+    module.__class__ = cls
+    module.tp = tp
+    for name, dim in shard_dims.items():
+        param = getattr(module, name, None)
+        if param is not None:
+            _distribute(module, name, param.data, dim, tp)
+
+
+def _distribute(module: nn.Module, name: str, data: Tensor, dim: int, tp: TPContext) -> None:
+    """Replace parameter ``name`` with a ``Shard(dim)`` DTensor (local slice, no communication)."""
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    dt = distribute_tensor(data, tp.mesh, [Shard(dim)], src_data_rank=None)
+    setattr(module, name, nn.Parameter(dt, requires_grad=getattr(module, name).requires_grad))
+
+
+def _to_column(linear: nn.Module, tp: TPContext, fused_qkv: bool) -> None:
+    """Column-parallel; a fused ``[Q; K; V]`` weight is viewed as ``[3, H*d, h]`` first, so that
+    the shard of each of Q, K and V holds this rank's heads (see :class:`FusedQKVColumnLinear`)."""
+    if not fused_qkv:
+        _swap(linear, ColumnParallelLinear, tp, {"weight": 0, "bias": 0})
+        return
+    _swap(linear, FusedQKVColumnLinear, tp, {})
+    w = linear.weight.data
+    _distribute(linear, "weight", w.view(3, w.shape[0] // 3, w.shape[1]), 1, tp)
+    if linear.bias is not None:
+        _distribute(linear, "bias", linear.bias.data.view(3, -1), 1, tp)
+
+
+def _parallel_embedding(emb: nn.Module, tp: TPContext, split_hidden: bool) -> None:
+    if split_hidden:
+        _swap(emb, HiddenParallelEmbedding, tp, {"weight": 1})
+    else:
+        _swap(emb, VocabParallelEmbedding, tp, {"weight": 0})
+
+
+def _enter_region(module: nn.Module, tp: TPContext) -> None:
+    """Forward pre-hook: replicate (mtp) or gather the sequence (sp) of the region's input."""
+    def enter(_: nn.Module, args: tuple) -> tuple:
+        x = args[0]
+        if not tp.sequence_parallel:
+            return (_CopyToTP.apply(x, tp.comm), *args[1:])
+        if tp.mode == "fsp":
+            tp.local_input.append(x)
+        return (_GatherScatter.apply(x, tp.comm, SEQ_DIM), *args[1:])
+
+    def leave(_: nn.Module, args: tuple, out: Any) -> None:
+        if tp.mode == "fsp":
+            tp.local_input.pop()
+
+    module.register_forward_pre_hook(enter)
+    module.register_forward_hook(leave)
+
+
+def _full_row_context(model: nn.Module, tp: int) -> None:
+    """Sequence-parallel hidden states hold ``S/tp`` tokens, but segments, RoPE positions and
+    attention cover the whole row: build the forward context for the full length."""
+    original = model.forward_context
+
+    @functools.wraps(original)
+    def forward_context(x: Tensor, cu_seqlens: Any, indexes: Optional[Tensor]) -> Any:
+        full = x.new_empty((x.shape[0], x.shape[1] * tp, 0))  # only shape/dtype/device are read
+        return original(full, cu_seqlens, indexes)
+
+    model.forward_context = forward_context
+
+
+# ------------------------------------------------------------------------------------------
+# vocab-parallel cross entropy
+
+
+def _local_logits(logits: Tensor) -> Tensor:
+    return logits.to_local() if hasattr(logits, "to_local") else logits
+
+
+def vocab_parallel_lm_loss(logits: Tensor, labels: Tensor, comm: Comm,
+                           label_smoothing: float = 0.0) -> Tensor:
+    """Token-mean cross entropy of vocab-sharded ``logits [..., V/tp]`` (this rank's slice
+    ``[r V/tp, (r+1) V/tp)``) against global ``labels`` — equal to
+    :func:`~internevo.train.loss.lm_loss` on the full logits.
+
+    Forward: one MAX all-reduce (row maxima) and one SUM all-reduce of ``[N, 3]`` (sum of exp,
+    target logit, sum of logits for smoothing).  The sums are reduced with an all-reduce whose
+    backward is the identity: every rank computes the same loss, so each rank's gradient is
+    ``softmax - (1-eps) onehot - eps/V`` on its slice without any backward communication.
+    """
+    z = _local_logits(logits).reshape(-1, _local_logits(logits).shape[-1]).float()
+    flat = labels.reshape(-1)
+    vocab = z.shape[-1] * comm.layout.tensor
+    start = comm.layout.tp_rank * z.shape[-1]
+    row_max = all_reduce(comm, z.detach().max(-1).values, "max")
+    shifted = z - row_max.unsqueeze(-1)
+    local_t = flat - start
+    mine = (local_t >= 0) & (local_t < z.shape[-1])
+    target = shifted.gather(1, local_t.clamp(0, z.shape[-1] - 1).unsqueeze(1)).squeeze(1)
+    parts = torch.stack([shifted.exp().sum(-1), target * mine, shifted.sum(-1)], dim=1)
+    sums = _ReduceFromTP.apply(parts, comm)
+    lse = sums[:, 0].log()
+    nll = lse - sums[:, 1]
+    smooth = lse - sums[:, 2] / vocab
+    per_token = (1.0 - label_smoothing) * nll + label_smoothing * smooth
+    valid = flat != IGNORE_INDEX
+    count = valid.sum().clamp(min=1)
+    return (per_token * valid).sum() / count
+
+
+@torch.no_grad()
+def vocab_parallel_token_stats(logits: Tensor, labels: Tensor, type_ids: Tensor, num_types: int,
+                               comm: Comm) -> dict[str, Tensor]:
+    """:func:`~internevo.train.loss.token_stats` for vocab-sharded logits, without gathering
+    them: MAX all-reduce of row maxima, SUM of ``[N, 2]`` (sum of exp, target logit), MIN of the
+    first index attaining the maximum (argmax ties resolved as ``torch.argmax`` does)."""
+    z = _local_logits(logits).reshape(-1, _local_logits(logits).shape[-1]).float()
+    flat = labels.reshape(-1)
+    width, start = z.shape[-1], comm.layout.tp_rank * z.shape[-1]
+    local_max, local_arg = z.max(-1)
+    row_max = all_reduce(comm, local_max, "max")
+    local_t = flat - start
+    mine = (local_t >= 0) & (local_t < width)
+    target = z.gather(1, local_t.clamp(0, width - 1).unsqueeze(1)).squeeze(1) * mine
+    sums = all_reduce(comm, torch.stack([(z - row_max.unsqueeze(-1)).exp().sum(-1), target], 1))
+    big = width * comm.layout.tensor
+    first = torch.where(local_max == row_max, local_arg + start, torch.full_like(local_arg, big))
+    argmax = all_reduce(comm, first, "min")
+    mask = flat != IGNORE_INDEX
+    nll = (sums[:, 0].log() + row_max - sums[:, 1])[mask]
+    correct = (argmax == flat)[mask].double()
+    types = type_ids.reshape(-1)[mask].clamp(0, num_types - 1)
+    zeros = torch.zeros(num_types, dtype=torch.float64)
+    return {"tokens": zeros.index_add(0, types, torch.ones_like(nll, dtype=torch.float64)),
+            "correct": zeros.index_add(0, types, correct),
+            "nll": zeros.index_add(0, types, nll.double())}
+
+
+class VocabParallelLoss:
+    """The loss callable of the trainer when logits are vocab-sharded, with its metric path."""
+
+    def __init__(self, comm: Comm, label_smoothing: float) -> None:
+        self.comm, self.label_smoothing = comm, label_smoothing
+
+    def __call__(self, logits: Tensor, labels: Tensor) -> Tensor:
+        """Token-mean cross entropy (see :func:`vocab_parallel_lm_loss`)."""
+        return vocab_parallel_lm_loss(logits, labels, self.comm, self.label_smoothing)
+
+    def token_stats(self, logits: Tensor, labels: Tensor, type_ids: Tensor,
+                    num_types: int) -> dict[str, Tensor]:
+        """Per-type metric sums (see :func:`vocab_parallel_token_stats`)."""
+        return vocab_parallel_token_stats(logits, labels, type_ids, num_types, self.comm)
+
+
+# ------------------------------------------------------------------------------------------
+# documented per-layer collectives and measured saved activations
+
+
+def expected_block_collectives(cfg: TrainConfig, mode: str, tokens: int,
+                               tp: int) -> dict[tuple[str, str], tuple[int, int]]:
+    """``{(kind, "tensor"): (calls, payload bytes)}`` of one block's forward + backward on a row
+    of ``tokens`` tokens (the table of docs/architecture.md)."""
+    if tp == 1:
+        return {}
+    from internevo.models.registry import model_dtype
+
+    h = cfg.model.hidden_size
+    act = tokens * h * torch.empty(0, dtype=model_dtype(cfg)).element_size()
+    if mode == "mtp":
+        return {("all_reduce", GROUP): (4, 4 * act)}
+    norm_bytes = h * (4 if cfg.use_fp32_norm else act // (tokens * h))
+    bias_bytes = act // tokens if cfg.model_type == "INTERNLM" else 0  # v1 out_proj bias
+    gathers = 4 if mode == "msp" else 7
+    return {("all_gather", GROUP): (gathers, gathers * act),
+            ("reduce_scatter", GROUP): (4, 4 * act),
+            ("all_reduce", GROUP): (2 + (bias_bytes > 0), 2 * norm_bytes + bias_bytes)}
+
+
+def saved_activation_bytes(model: nn.Module, ids: Tensor, cu_seqlens: Any,
+                           indexes: Optional[Tensor], block: int = 0) -> int:
+    """Bytes of the distinct storages block ``block`` saves for backward on this rank (its
+    parameters excluded), for one row: the activation memory a layer holds between forward and
+    backward."""
+    params = {_local(p).untyped_storage().data_ptr() for p in model.parameters()}
+    x = model.get_submodule(model.embedding_attr)(ids).detach().requires_grad_()
+    ctx = model.forward_context(x, cu_seqlens, indexes)
+    seen: dict[int, int] = {}
+
+    def pack(t: Tensor) -> Tensor:
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in params:
+            seen[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = model.transformer_blocks()[block](x, ctx)
+    del out
+    return sum(seen.values())
