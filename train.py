@@ -1,4 +1,4 @@
-"""InternEvo's entry point: ``python train.py --config configs/7B_sft.py [--launcher torch|slurm]``."""
+"""InternEvo's entry point: ``python train.py --config CONFIG [--launcher torch|slurm]``."""
 
 import sys
 

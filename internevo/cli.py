@@ -52,7 +52,8 @@ def run_train(args: argparse.Namespace) -> list[dict]:
     comm = Comm(layout)
     run_dir = run_dir_for(cfg, args.run_dir)
     if layout.is_log_rank:
-        print(f"[internevo] {cfg.JOB_NAME}: {layout.describe()} | device {device} | run dir {run_dir}")
+        print(f"[internevo] {cfg.JOB_NAME}: {layout.describe()} | device {device} | "
+              f"run dir {run_dir}")
     trainer = Trainer(cfg, layout, comm, device, run_dir, args.seed)
     history = trainer.fit()
     if args.comm_report and layout.is_log_rank:

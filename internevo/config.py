@@ -43,13 +43,15 @@ class DataConfig:
     seq_len: int = 2048
     """Longest segment inside a packed row; attention never spans more than this."""
     micro_bsz: int = 1
-    """Number of ``seq_len`` windows packed into one row (a row has ``seq_len * micro_bsz`` tokens)."""
+    """Number of ``seq_len`` windows packed into one row (a row has ``seq_len * micro_bsz`` tokens).
+    """
     micro_num: int = 1
     """Packed rows per optimizer step per data-parallel rank (gradient-accumulation steps)."""
     total_steps: int = 50000
     """Number of batches the loop consumes (skipped and overflowed batches included)."""
     type: str = "tokenized"
-    """Dataset kind: ``tokenized`` (``.bin`` + ``.bin.meta``) or ``streaming`` (Hugging Face files)."""
+    """Dataset kind: ``tokenized`` (``.bin`` + ``.bin.meta``) or ``streaming`` (Hugging Face files).
+    """
     packed_length: Optional[int] = None
     """Derived: ``seq_len * micro_bsz``.  A different value given here is an error."""
     gradient_accumulation: Optional[int] = None
@@ -63,13 +65,18 @@ class DataConfig:
     skip_batches: str = ""
     """Batch indices to consume without training, e.g. ``"10-20,35"`` (inclusive ranges)."""
     rampup_batch_size: Optional[str] = ""
-    """``"start incr every"``: micro_num starts at ``start`` and grows by ``incr`` every ``every`` batches."""
+    """``"start incr every"``: micro_num starts at ``start`` and grows by ``incr`` every ``every``
+    batches.
+    """
     min_length: int = 0
     """Drop samples with fewer tokens than this."""
     min_length_dict: Optional[dict] = None
     """Per-path-substring override of ``min_length``, e.g. ``{"pile-arxiv": 50}``."""
     train_folder: Optional[str] = None
-    """Training data folder (``<type>/**.bin``) or, for streaming, a dataset folder/file; None = dummy data."""
+    """Training data folder (``<type>/**.bin``) or, for streaming, a dataset folder/file;
+    None = dummy
+    data.
+    """
     valid_folder: Optional[str] = None
     """Validation folder; each leaf folder with ``.bin`` files is one named validation set."""
     num_worker: int = 4
@@ -81,7 +88,9 @@ class DataConfig:
     diag_outlier_ratio: float = 1.1
     """A rank slower than this ratio of the average is reported by the diagnostics."""
     use_packed_dataset: bool = True
-    """Packed rows with ``cu_seqlens``; False is accepted only for compatibility (rows are always packed)."""
+    """Packed rows with ``cu_seqlens``; False is accepted only for compatibility (rows are always
+    packed).
+    """
     fixed_random_dataset_seqlen: bool = False
     """Dummy data: every sample reaches ``seq_len`` tokens."""
     tokenizer_path: Optional[str] = None
@@ -96,7 +105,8 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
-    """The ``model`` section: the shape and numerics of the network (keyword args of the builder)."""
+    """The ``model`` section: the shape and numerics of the network (keyword args of the builder).
+    """
 
     num_layers: int = 48
     """Number of transformer blocks."""
@@ -119,7 +129,8 @@ class ModelConfig:
     dtype: str = "torch.float16"
     """Training dtype: torch.float32, torch.bfloat16, torch.float16 or torch.tf32."""
     embed_split_hidden: bool = False
-    """Tensor parallel: split the embedding on the hidden dim (True) or on the vocabulary (False)."""
+    """Tensor parallel: split the embedding on the hidden dim (True) or on the vocabulary (False).
+    """
     embed_grad_scale: float = 1.0
     """Only 1 is supported (no embedding-gradient shrinking)."""
     parallel_output: bool = True
@@ -129,7 +140,8 @@ class ModelConfig:
     layer_norm_epsilon: float = 1e-5
     """Epsilon of the norms."""
     use_flash_attn: bool = True
-    """Use flash-attn's varlen kernel when it is installed and a GPU is used (else SDPA per segment)."""
+    """Use flash-attn's varlen kernel when installed and on a GPU (else SDPA per segment).
+    """
     num_chunks: int = 1
     """Model chunks per pipeline stage (>1 = interleaved schedule)."""
     apply_post_layer_norm: bool = False
@@ -193,7 +205,8 @@ class TensorConfig:
     size: int = 1
     """Tensor-parallel degree (for ``isp``: the sequence-parallel degree)."""
     mode: str = "mtp"
-    """``mtp`` (Megatron TP), ``msp`` (Megatron SP), ``fsp`` (flash-attn SP) or ``isp`` (Intern SP)."""
+    """``mtp`` (Megatron TP), ``msp`` (Megatron SP), ``fsp`` (flash-attn SP) or ``isp`` (Intern SP).
+    """
 
 
 @dataclass
@@ -203,7 +216,8 @@ class PipelineConfig:
     size: int = 1
     """Number of pipeline stages."""
     interleaved_overlap: bool = False
-    """Overlap communication in the interleaved schedule (required when ``model.num_chunks > 1``)."""
+    """Overlap communication in the interleaved schedule (required when ``model.num_chunks > 1``).
+    """
 
 
 @dataclass
@@ -249,7 +263,9 @@ class CkptConfig:
     load_ckpt_folder: Optional[str] = None
     """Legacy: a checkpoint to load everything from when ``load_ckpt_info`` is absent."""
     auto_resume: bool = True
-    """Resume from the newest complete checkpoint in ``save_ckpt_folder`` (overrides load_ckpt_info)."""
+    """Resume from the newest complete checkpoint in ``save_ckpt_folder``
+    (overrides load_ckpt_info).
+    """
     async_upload: bool = False
     """Legacy name of ``async_save``."""
     async_upload_tmp_folder: Optional[str] = None
@@ -259,7 +275,9 @@ class CkptConfig:
     snapshot_ckpt_folder: Optional[str] = None
     """Accepted for compatibility."""
     stop_file_path: Optional[str] = None
-    """Text file polled each step: ``n`` saves at step n and stops, ``-n`` saves at step n and goes on."""
+    """Text file polled each step: ``n`` saves at step n and stops, ``-n`` saves at step n
+    and goes on.
+    """
     keep_last_n: Optional[int] = None
     """Keep only the newest N complete checkpoints (None = keep all)."""
     async_save: bool = False
@@ -319,7 +337,9 @@ class LossConfig:
     moe_loss_coeff: float = 1.0
     """Accepted for compatibility (no MoE models)."""
     op_type: str = "py_vocab_parallel"
-    """Accepted for compatibility; the vocab-parallel cross entropy is used whenever logits are sharded."""
+    """Accepted for compatibility; the vocab-parallel cross entropy is used whenever logits are
+    sharded.
+    """
 
 
 @dataclass
@@ -513,7 +533,8 @@ def _convert(value: Any, hint: Any, where: str, key: str) -> Any:
         if isinstance(value, int) and not isinstance(value, bool) and hint in _SECTION_ALLOW_INT:
             value = {"size": value}
         if not isinstance(value, dict):
-            raise _fail(where, key, f"expected a dict section, got {type(value).__name__} {value!r}")
+            raise _fail(where, key,
+                        f"expected a dict section, got {type(value).__name__} {value!r}")
         return build_section(hint, value, where, key + ".")
     if hint is Any:
         return value
@@ -539,7 +560,8 @@ def _convert(value: Any, hint: Any, where: str, key: str) -> Any:
 def build_section(cls: type, values: dict, where: str, prefix: str = "") -> Any:
     """Build dataclass ``cls`` from a dict, rejecting unknown keys and wrong types."""
     hints = typing.get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls) if f.name not in ("constants", "source", "text")]
+    internal = ("constants", "source", "text")
+    names = [f.name for f in dataclasses.fields(cls) if f.name not in internal]
     kwargs = {}
     for key, value in values.items():
         if key not in names:
@@ -556,7 +578,8 @@ def _normalise_dtype(value: Any, where: str) -> str:
     name = str(value)
     name = _DTYPE_ALIASES.get(name, name)
     if name not in DTYPES:
-        raise _fail(where, "model.dtype", f"unsupported dtype {value!r}; valid: {', '.join(DTYPES)}")
+        raise _fail(where, "model.dtype",
+                    f"unsupported dtype {value!r}; valid: {', '.join(DTYPES)}")
     return name
 
 
@@ -601,7 +624,8 @@ def _validate_model(cfg: TrainConfig, where: str) -> None:
     for key in ("num_layers", "hidden_size", "num_attention_heads", "vocab_size", "multiple_of"):
         _check(getattr(m, key) >= 1, where, f"model.{key}", f"must be >= 1, got {getattr(m, key)}")
     _check(m.hidden_size % m.num_attention_heads == 0, where, "model.num_attention_heads",
-           f"num_attention_heads={m.num_attention_heads} does not divide hidden_size={m.hidden_size}")
+           f"num_attention_heads={m.num_attention_heads} does not divide "
+           f"hidden_size={m.hidden_size}")
     _check(((m.hidden_size // m.num_attention_heads) % 2) == 0, where, "model.hidden_size",
            "head dim hidden_size/num_attention_heads must be even for RoPE")
     kv = cfg.num_kv_heads
@@ -643,7 +667,8 @@ def _validate_optim(cfg: TrainConfig, where: str) -> None:
            f"must be in [0, 1], got {cfg.lr_scheduler.warmup_ratio}")
     _check(cfg.hybrid_zero_optimizer.clip_grad_norm >= 0, where,
            "hybrid_zero_optimizer.clip_grad_norm", "must be >= 0")
-    _check(0.0 <= cfg.loss.label_smoothing < 1.0, where, "loss.label_smoothing", "must be in [0, 1)")
+    _check(0.0 <= cfg.loss.label_smoothing < 1.0, where, "loss.label_smoothing",
+           "must be in [0, 1)")
     gs = cfg.grad_scaler
     _check(gs.fp16.min_scale <= gs.fp16.initial_scale <= gs.max_scale, where,
            "grad_scaler.fp16.initial_scale", "must lie in [fp16.min_scale, max_scale]")

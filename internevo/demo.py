@@ -40,12 +40,12 @@ def prepare_data() -> None:
     """Tokenize the demo corpus once (kept in ``demo_data/`` for later runs)."""
     from internevo.data.tools import tokenize_main
 
-    targets = {"train": DATA / "train/en/shakespeare.bin", "valid": DATA / "valid/en/shakespeare.bin"}
-    if all(p.exists() and Path(str(p) + ".meta").exists() for p in targets.values()):
+    targets = [DATA / "train/en/shakespeare.bin", DATA / "valid/en/shakespeare.bin"]
+    if all(p.exists() and Path(str(p) + ".meta").exists() for p in targets):
         print(f"[demo] using tokenized data in {DATA}/")
         return
     raw = split_corpus(CORPUS, DATA / "raw")
-    for (split, target), source in zip(targets.items(), raw):
+    for target, source in zip(targets, raw):
         target.parent.mkdir(parents=True, exist_ok=True)
         print(f"[demo] tokenizing {source} -> {target}")
         tokenize_main(["--text_input_path", str(source), "--bin_output_path", str(target),
@@ -80,7 +80,7 @@ def summarise(history: list[dict]) -> None:
 
 
 def export_and_generate(prompt: str = "ROMEO:") -> None:
-    """Export the final checkpoint to a Hugging Face Llama folder and continue ``prompt`` with it."""
+    """Export the final checkpoint to a Hugging Face Llama folder; continue ``prompt`` with it."""
     from transformers import AutoTokenizer, LlamaForCausalLM
 
     from internevo.models.hf import convert_main
@@ -93,12 +93,13 @@ def export_and_generate(prompt: str = "ROMEO:") -> None:
     model = LlamaForCausalLM.from_pretrained(hf_dir)
     ids = tokenizer(prompt, return_tensors="pt").input_ids
     out = model.generate(ids, max_new_tokens=40, do_sample=False)
-    print(f"\n[demo] exported to {hf_dir} (stock transformers LlamaForCausalLM); greedy continuation:")
+    print(f"\n[demo] exported to {hf_dir} (stock transformers LlamaForCausalLM); "
+          "greedy continuation:")
     print(tokenizer.decode(out[0], skip_special_tokens=True))
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run the whole demo; extra arguments go to the trainer (e.g. ``--set data.total_steps=20``)."""
+    """Run the whole demo; extra arguments go to the trainer (``--set data.total_steps=20``)."""
     extra = list(sys.argv[1:] if argv is None else argv)
     prepare_data()
     history = train(extra)

@@ -6,6 +6,11 @@ size), each for ``STEPS`` steps of ``Trainer.train_step`` on hand-built batches:
 single-process reference trains on all of them (the loss of a row is its token mean / rows, and
 data parallel averages, so both see the same objective).  Step ``POISON_STEP`` has a non-finite
 loss on the last rank only (on every row of the reference): every rank must skip that update.
+
+Checkpoints across layouts ride on the same spawns: the 4-rank ZeRO-1.5 run (dp=4, zero1=2) saves
+after ``SAVE_AT`` batches; the 2-rank FSDP run resumes it, trains to ``RESAVE_AT`` and saves; one
+process resumes each of them and trains to the end.  Every resumed run must continue exactly as the
+uninterrupted single process.
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ from internevo.parallel.spawn import spawn_ranks
 from internevo.train.trainer import Trainer
 
 STEPS, GLOBAL_ROWS, POISON_STEP, CLIP = 10, 4, 4, 0.5
+SAVE_AT, RESAVE_AT = 3, 7
 
 # mode name -> (parallel section, hybrid_zero_optimizer overrides), per world size
 MODES = {
@@ -57,7 +63,7 @@ def tiny_config(parallel: dict, hz: dict, dtype: str = "torch.float32", **top) -
                    vocab_size=256, multiple_of=16, dtype=dtype),
         adam=dict(lr=2e-3), lr_scheduler=dict(warmup_ratio=0.2),
         hybrid_zero_optimizer=dict(clip_grad_norm=CLIP, **hz),
-        ckpt=dict(enable_save_ckpt=False), enable_tb=False, parallel=parallel, **top))
+        parallel=parallel, **{"ckpt": dict(enable_save_ckpt=False), "enable_tb": False, **top}))
 
 
 @functools.cache
@@ -92,6 +98,7 @@ def run_steps(trainer: Trainer, steps: int = STEPS, poison_step: int = POISON_ST
             trainer.loss_fn = _poison_rows(trainer, per_rank if layout.data == 1 else 1)
         start = layout.dp_rank * per_rank
         records.append(trainer.train_step(rows_of(batch, start, start + per_rank)))
+        trainer.state.batch_count += 1  # as Trainer.fit does: the next batch's index
     return records
 
 
@@ -140,10 +147,36 @@ def _block_names(trainer: Trainer) -> list[str]:
     return [names[id(b)] for b in blocks]
 
 
-def run_modes(rank: int, world: int) -> dict:
-    """Every mode of ``world`` ranks, one after the other in the same processes."""
-    return {name: train(tiny_config(*spec), rank, world)
-            for name, spec in MODES[world].items()}
+# world size -> (mode, checkpoint to resume or None, batches to reach before saving)
+CHECKPOINT_LEGS = {4: ("dp4_zero1=2", None, SAVE_AT), 2: ("dp2_fsdp", "dp4_zero1=2", RESAVE_AT),
+                   1: ("dp1", None, STEPS)}
+
+
+def checkpoint_leg(rank: int, world: int, root: Path, source: str | None = None) -> list[dict]:
+    """Resume ``source`` (a run folder under ``root``) in this world's leg layout, train up to
+    the leg's end and save there into ``root/<mode>``; returns the records of the trained steps."""
+    mode, default_source, until = CHECKPOINT_LEGS[world]
+    source = source or default_source
+    parallel, hz = MODES.get(world, {}).get(mode, (dict(zero1=1), {}))
+    ckpt = dict(enable_save_ckpt=True, save_ckpt_folder=str(root / mode), auto_resume=False,
+                load_ckpt_info=dict(path=str(root / source), content=("all",)) if source else None)
+    with tempfile.TemporaryDirectory() as run_dir:
+        trainer = make_trainer(tiny_config(parallel, hz, ckpt=ckpt), rank, world, Path(run_dir))
+        trainer.ckpt.maybe_resume()
+        first = trainer.state.batch_count
+        records = run_steps(trainer, until - first, first=first)
+        trainer.ckpt.save()
+        trainer.ckpt.wait()
+        return records
+
+
+def run_modes(rank: int, world: int, root: Path) -> dict:
+    """Every mode of ``world`` ranks, one after the other in the same processes, then the
+    checkpoint leg of this world size."""
+    results = {name: train(tiny_config(*spec), rank, world)
+               for name, spec in MODES[world].items()}
+    results["checkpoint_leg"] = checkpoint_leg(rank, world, root)
+    return results
 
 
 @pytest.fixture(scope="module")
@@ -157,10 +190,16 @@ def reference() -> dict:
         torch.set_num_threads(threads)
 
 
-@pytest.fixture(scope="module", params=[2, 4])
-def distributed(request) -> tuple[int, list[dict]]:
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory) -> Path:
+    """Where the checkpoint legs save (one folder per leg)."""
+    return tmp_path_factory.mktemp("checkpoints")
+
+
+@pytest.fixture(scope="module", params=[4, 2])  # 4 first: the 2-rank leg resumes its checkpoint
+def distributed(request, checkpoints) -> tuple[int, list[dict]]:
     """Per-rank results of every mode of one world size (one spawn)."""
-    return request.param, spawn_ranks(run_modes, request.param, timeout=600)
+    return request.param, spawn_ranks(run_modes, request.param, checkpoints, timeout=600)
 
 
 def test_losses_norms_and_weights_match_single_process(reference, distributed):
@@ -240,3 +279,31 @@ def test_overlap_launches_every_bucket_in_the_last_backward(tmp_path):
     trainer.train_step(global_batches()[0])
     assert len(opt.buckets) > 2
     assert launches == [("launch", GLOBAL_ROWS)] * len(opt.buckets) + [("step", GLOBAL_ROWS)]
+
+
+def _assert_continues(records: list[dict], reference: dict, first: int, where: str) -> None:
+    """``records`` are steps ``first..`` of a resumed run: they equal the uninterrupted run's."""
+    assert len(records) > 0, where
+    for step, (got, ref) in enumerate(zip(records, reference["records"][first:]), start=first):
+        assert got["success"] == ref["success"], f"{where} step {step}"
+        if ref["success"]:
+            assert got["loss"] == pytest.approx(ref["loss"], rel=1e-5), f"{where} step {step}"
+            assert got["grad_norm"] == pytest.approx(ref["grad_norm"], rel=1e-5), where
+
+
+def test_checkpoints_resume_across_layouts(reference, distributed, checkpoints):
+    """dp=4 zero1=2 (ZeRO) -> dp=2 FSDP -> 1 process, and dp=4 zero1=2 -> 1 process."""
+    world, ranks = distributed
+    leg_first = {4: 0, 2: SAVE_AT}[world]
+    for rank, res in enumerate(ranks):
+        _assert_continues(res["checkpoint_leg"], reference, leg_first, f"leg {world} rank {rank}")
+    if world != 2:  # the single-process legs need both saved checkpoints
+        return
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        for source, first in (("dp2_fsdp", RESAVE_AT), ("dp4_zero1=2", SAVE_AT)):
+            records = checkpoint_leg(0, 1, checkpoints / f"from_{source}", source=f"../{source}")
+            _assert_continues(records, reference, first, f"1 process from {source}")
+    finally:
+        torch.set_num_threads(threads)

@@ -164,7 +164,9 @@ def test_saved_activations_fsp_lt_msp_lt_mtp(tp2_results: list) -> None:
 
 def test_vocab_not_divisible_is_rejected() -> None:
     cfg = tiny_config("INTERNLM2_PUBLIC", 2, "mtp", vocab_size=VOCAB + 1)
-    layout = ParallelLayout.from_config(cfg, 2, 0)
+    with pytest.raises(ConfigError, match="tensor.size=2 does not divide model.vocab_size=65"):
+        ParallelLayout.from_config(cfg, 2, 0)
+    layout = ParallelLayout(world_size=2, tensor=2)  # also when a layout is built by hand
     with pytest.raises(ConfigError, match="vocab_size=65"):
         apply_tensor_parallel(build_model(cfg), cfg, layout, Comm(layout))
 

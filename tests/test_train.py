@@ -115,7 +115,8 @@ def test_recompute_adds_one_forward_of_the_blocks():
 
 def test_train_py_entry_point(tmp_path):
     cfg_file = tmp_path / "tiny.py"
-    cfg_file.write_text(f"import json\nglobals().update(json.loads({json.dumps(json.dumps(TINY))}))\n")
+    body = json.dumps(json.dumps(TINY))
+    cfg_file.write_text(f"import json\nglobals().update(json.loads({body}))\n")
     run = subprocess.run([sys.executable, "train.py", "--config", str(cfg_file), "--launcher",
                           "torch", "--run-dir", str(tmp_path / "r"), "--set",
                           "data.total_steps=2"], capture_output=True, text=True, timeout=300)

@@ -167,7 +167,8 @@ def _check_divisible_by_tensor(cfg: TrainConfig, tp: int, where: str) -> None:
         return
     m = cfg.model
     for label, value in (("num_attention_heads", m.num_attention_heads),
-                         ("num_kv_attention_heads", cfg.num_kv_heads)):
+                         ("num_kv_attention_heads", cfg.num_kv_heads),
+                         ("vocab_size", m.vocab_size)):  # embedding and head split the vocab
         if value % tp:
             raise ConfigError(f"{where}.tensor.size={tp} does not divide model.{label}={value}")
     if cfg.parallel.tensor.mode in ("msp", "fsp") and cfg.packed_length % tp:

@@ -8,7 +8,8 @@ import torch.nn.functional as F
 IGNORE_INDEX = -100
 
 
-def lm_loss(logits: torch.Tensor, labels: torch.Tensor, label_smoothing: float = 0.0) -> torch.Tensor:
+def lm_loss(logits: torch.Tensor, labels: torch.Tensor,
+            label_smoothing: float = 0.0) -> torch.Tensor:
     """Token-mean cross entropy of ``logits [..., V]`` against ``labels [...]`` (fp32 math).
 
     A row without any supervised token gives 0 (not NaN), so such rows simply add nothing.

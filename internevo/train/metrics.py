@@ -52,7 +52,7 @@ def matmul_flops_per_token(cfg: TrainConfig) -> tuple[float, float]:
 
 
 def attention_flops(cfg: TrainConfig, segment_lengths: Sequence[int]) -> float:
-    """Forward FLOPs of causal attention (scores and weighted sum) over packed segments, per block."""
+    """Forward FLOPs of causal attention over packed segments, per block."""
     h = cfg.model.hidden_size
     # token i of a segment attends to i + 1 keys: QK^T and PV each cost 2 * h per key.
     return float(sum(4 * h * n * (n + 1) / 2 for n in segment_lengths))
@@ -71,7 +71,8 @@ def step_flops(cfg: TrainConfig, tokens: int, segment_lengths: Sequence[int]) ->
 
 
 def _cpu_peak_cache() -> Path:
-    return Path(os.environ.get("INTERNEVO_CACHE", Path.home() / ".cache" / "internevo")) / "peak.json"
+    root = os.environ.get("INTERNEVO_CACHE", Path.home() / ".cache" / "internevo")
+    return Path(root) / "peak.json"
 
 
 def measure_cpu_matmul_peak(dtype: torch.dtype, size: int = 1024, repeats: int = 6) -> float:
@@ -101,7 +102,8 @@ def device_peak_flops(cfg: TrainConfig, device: torch.device) -> Optional[float]
     dtype = torch.bfloat16 if key == "bf16" else torch.float32
     if key == "fp16":
         return None  # CPU fp16 matmuls run a slow fallback; no meaningful peak.
-    cache_key = f"{platform.processor() or platform.machine()}|threads={torch.get_num_threads()}|{key}"
+    cpu = platform.processor() or platform.machine()
+    cache_key = f"{cpu}|threads={torch.get_num_threads()}|{key}"
     path = _cpu_peak_cache()
     cached = json.loads(path.read_text()) if path.is_file() else {}
     if cache_key not in cached:

@@ -220,7 +220,8 @@ class Trainer:
             results[f"valid/{name}/ppl"] = math.exp(min(loss, 50.0))
         self.model.train()
         record = {"step": self.state.step_count, **results}
-        self.writer.write(record, "validation " + " ".join(f"{k} {v:.4f}" for k, v in results.items()))
+        line = " ".join(f"{k} {v:.4f}" for k, v in results.items())
+        self.writer.write(record, "validation " + line)
         return results
 
 
