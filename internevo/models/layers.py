@@ -203,12 +203,14 @@ class CausalLM(nn.Module):
         return getattr(self, self.blocks_attr)
 
     def forward(self, input_ids: Tensor, cu_seqlens: CuSeqlens = None,
-                indexes: Optional[Tensor] = None) -> Tensor:
+                indexes: Optional[Tensor] = None, return_hidden: bool = False) -> Tensor:
         """``input_ids [B, S]`` -> logits ``[B, S, V]`` in the model dtype.
 
         With ``cu_seqlens`` (only ``B == 1``) attention stays inside each segment and ``indexes``
         (``[S]`` or ``[1, S]``, default: positions inside the segments) are the RoPE positions;
         without it each row is one causal sequence at positions ``arange(S)`` (or ``indexes``).
+        ``return_hidden=True`` stops before the head and returns the final-normed hidden states
+        ``[B, S, h]`` (the trainer's fused head + loss multiplies them by :meth:`head_weight`).
         """
         embedding = getattr(self, self.embedding_attr)
         x = embedding(input_ids) if embedding is not None else input_ids
@@ -218,7 +220,12 @@ class CausalLM(nn.Module):
         norm, head = getattr(self, self.norm_attr), getattr(self, self.head_attr)
         if norm is not None:
             x = norm(x)
-        return head(x) if head is not None else x
+        return head(x) if head is not None and not return_hidden else x
+
+    def head_weight(self) -> Optional[Tensor]:
+        """The output head's ``[V, h]`` weight (None on a pipeline stage without the head)."""
+        head = getattr(self, self.head_attr)
+        return head.weight if head is not None else None
 
     def forward_context(self, x: Tensor, cu_seqlens: CuSeqlens,
                         indexes: Optional[Tensor]) -> ForwardContext:

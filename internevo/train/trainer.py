@@ -13,7 +13,7 @@ import torch
 from internevo.config import TrainConfig
 from internevo.parallel.comm import Comm
 from internevo.parallel.layout import ParallelLayout
-from internevo.train.loss import token_stats
+from internevo.train.loss import fused_lm_loss, token_stats
 from internevo.train.metrics import MetricsWriter, device_peak_flops, step_flops
 from internevo.train.schedules import LossScaler, Schedules
 
@@ -76,6 +76,16 @@ class Trainer:
                                     layout.is_log_rank)
         self.ckpt = CheckpointManager(self)
         self.history: list[dict] = []
+        self.fused_head = self.can_fuse_head()
+        """Loss by :func:`fused_lm_loss` (tensor parallel off, plain single-device head)."""
+
+    def can_fuse_head(self) -> bool:
+        """The chunked head + loss applies: no tensor parallel / FSDP, an unsharded bias-free head."""
+        model = self.model
+        head = getattr(model, getattr(model, "head_attr", ""), None)
+        return (self.layout.tensor == 1 and not self.layout.fsdp
+                and type(head) is torch.nn.Linear and head.bias is None
+                and type(head.weight) is torch.nn.Parameter)
 
     # ------------------------------------------------------------------------------- stepping
     def forward_backward(self, batch: dict, loss_scale: float) -> tuple[float, dict]:
@@ -85,15 +95,30 @@ class Trainer:
         stats = None
         for m in range(rows):
             self.optimizer.start_micro_step(last=m == rows - 1)  # gradient sync / overlap
-            logits = self.model(batch["input_ids"][m:m + 1], cu_seqlens=batch["cu_seqlens"][m],
-                                indexes=batch["indexes"][m:m + 1])
-            loss = self.loss_fn(logits, batch["labels"][m:m + 1]) / rows
+            if self.fused_head:
+                loss, row_stats = self.fused_row_loss(batch, m)
+                loss = loss / rows
+            else:
+                logits = self.model(batch["input_ids"][m:m + 1],
+                                    cu_seqlens=batch["cu_seqlens"][m],
+                                    indexes=batch["indexes"][m:m + 1])
+                loss = self.loss_fn(logits, batch["labels"][m:m + 1]) / rows
             (loss * loss_scale).backward() if loss_scale != 1.0 else loss.backward()
             loss_sum += loss.item()
-            row_stats = self.row_stats(logits, batch, m)
+            if not self.fused_head:
+                row_stats = self.row_stats(logits, batch, m)
+                del logits
             stats = row_stats if stats is None else {k: stats[k] + row_stats[k] for k in stats}
-            del logits, loss
+            del loss
         return loss_sum, stats
+
+    def fused_row_loss(self, batch: dict, m: int) -> tuple[torch.Tensor, dict]:
+        """Loss and metrics of row ``m`` by the chunked head + cross entropy (no [P, V] logits)."""
+        hidden = self.model(batch["input_ids"][m:m + 1], cu_seqlens=batch["cu_seqlens"][m],
+                            indexes=batch["indexes"][m:m + 1], return_hidden=True)
+        return fused_lm_loss(hidden, self.model.head_weight(), batch["labels"][m:m + 1],
+                             batch["type_ids"][m:m + 1], self.num_types,
+                             self.cfg.loss.label_smoothing)
 
     def row_stats(self, logits: torch.Tensor, batch: dict, m: int) -> dict:
         """Per-type token counts, correct predictions and NLL of one row (for metrics)."""
