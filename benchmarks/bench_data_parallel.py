@@ -2,11 +2,12 @@
 
     .venv/bin/python benchmarks/bench_data_parallel.py [--ranks 2] [--steps 3]
 
-The demo config (InternLM2, 4 layers, hidden 256, vocab 92544, bf16) trains on dummy data
-(``train_folder=None``: no tokenized corpus needed) with the same 2 gloo processes running each
-mode in turn.  Per mode it prints the median step time over ``--steps`` steps (after one warm-up
-step), tokens/s, the payload and per-rank ring-wire bytes the Comm layer counted in one step, and
-the optimizer-state bytes each rank holds.
+The demo config (InternLM2, 4 layers, hidden 256, vocab 92544) trains on dummy data
+(``train_folder=None``: no tokenized corpus needed).  The same 2 gloo processes hold one trainer
+per mode and step them in turn (A, B, C, A, B, C, ...), so that a machine shared with other work
+slows every mode alike.  Per mode it prints the median step time over ``--steps`` steps (after
+one warm-up step; the slowest rank's time), tokens/s, the payload and per-rank ring-wire bytes
+the Comm layer counted in one step, and the optimizer-state bytes each rank holds.
 """
 
 from __future__ import annotations
@@ -42,23 +43,33 @@ def demo_config(overrides: dict) -> TrainConfig:
     return load_config(ROOT / "configs" / "demo.py", {**base, **overrides})
 
 
-def measure(cfg: TrainConfig, rank: int, world: int, steps: int) -> dict:
-    """Step times, bytes of one step and state bytes of ``cfg`` on this rank."""
+def build(cfg: TrainConfig, rank: int, world: int, run_dir: Path) -> Trainer:
+    """A trainer of ``cfg`` on this rank."""
     layout = ParallelLayout.from_config(cfg, world, rank).build_groups()
-    comm = Comm(layout)
-    with tempfile.TemporaryDirectory() as run_dir:
-        trainer = Trainer(cfg, layout, comm, torch.device("cpu"), Path(run_dir))
-        batches = iter(trainer.loader)
-        records = [trainer.train_step(next(batches)) for _ in range(steps + 1)]
-    wire = sum(wire_bytes(kind, n, layout.size(group)) for (kind, group), n in comm.bytes.items())
+    return Trainer(cfg, layout, Comm(layout), torch.device("cpu"), run_dir)
+
+
+def summarise(trainer: Trainer, records: list[dict]) -> dict:
+    """Step times (warm-up dropped), bytes of the last step and state bytes of one trainer."""
+    comm = trainer.comm
+    wire = sum(wire_bytes(kind, n, comm.layout.size(group)) for (kind, group), n in
+               comm.bytes.items())
     return {"times": [r["step_time"] for r in records[1:]], "tokens": records[-1]["tokens"],
             "payload": comm.total_bytes(), "wire": wire,
             "state": trainer.optimizer.state_bytes(), "report": comm.report()}
 
 
 def run_all(rank: int, world: int, steps: int) -> dict:
-    """Every mode, one after the other, in the same processes."""
-    return {name: measure(demo_config(over), rank, world, steps) for name, over in MODES.items()}
+    """One trainer per mode in the same processes, stepped in turn."""
+    with tempfile.TemporaryDirectory() as run_dir:
+        trainers = {name: build(demo_config(over), rank, world, Path(run_dir) / str(i))
+                    for i, (name, over) in enumerate(MODES.items())}
+        batches = {name: iter(t.loader) for name, t in trainers.items()}
+        records: dict[str, list[dict]] = {name: [] for name in trainers}
+        for _ in range(steps + 1):
+            for name, trainer in trainers.items():
+                records[name].append(trainer.train_step(next(batches[name])))
+        return {name: summarise(trainers[name], records[name]) for name in trainers}
 
 
 def main() -> None:

@@ -120,7 +120,7 @@ def main() -> None:
                 print(f"{'loader ' + name + f' ({workers} workers)':<30}"
                       f"{rates[f'loader {name} ({workers} workers)']:>12,.0f} tokens/s", flush=True)
     train = trainer_tokens_per_s(cfg, args.steps)
-    print(f"{'trainer fwd+bwd+AdamW':<30}{train:>12,.0f} tokens/s")
+    print(f"{'trainer fwd+bwd+AdamW':<30}{train:>12,.1f} tokens/s")
     for name, rate in rates.items():
         print(f"{name:<30}{rate / train:>12,.0f}x the trainer")
 

@@ -110,12 +110,8 @@ def shard_model(model: nn.Module, cfg: TrainConfig, layout: ParallelLayout, comm
     dtype = model_dtype(cfg)
     model.float()  # the sharded parameters are the fp32 master weights
     policy = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32)
-    if cfg.use_fp32_norm:  # norms compute in fp32 and return the input dtype: no input casts
-        fp32 = MixedPrecisionPolicy(param_dtype=torch.float32, reduce_dtype=torch.float32,
-                                    cast_forward_inputs=False)
-        for module in model.modules():
-            if isinstance(module, RMSNorm):
-                fully_shard(module, mesh=mesh, mp_policy=fp32)
+    if cfg.use_fp32_norm:
+        _shard_norms_in_fp32(model, mesh)
     for block in model.transformer_blocks():
         fully_shard(block, mesh=mesh, mp_policy=policy)
     fully_shard(model, mesh=mesh, mp_policy=policy)
@@ -124,6 +120,18 @@ def shard_model(model: nn.Module, cfg: TrainConfig, layout: ParallelLayout, comm
     init_weights(model, cfg, seed)
     _round_to(model, dtype)
     return model
+
+
+def _shard_norms_in_fp32(model: nn.Module, mesh: Any) -> None:
+    """``use_fp32_norm``: norms are units of their own whose weights are gathered in fp32.
+
+    RMSNorm computes in fp32 and returns its input's dtype, so its input must not be cast.
+    """
+    fp32 = MixedPrecisionPolicy(param_dtype=torch.float32, reduce_dtype=torch.float32,
+                                cast_forward_inputs=False)
+    for module in model.modules():
+        if isinstance(module, RMSNorm):
+            fully_shard(module, mesh=mesh, mp_policy=fp32)
 
 
 def _route_collectives(model: nn.Module, comm: Comm, hybrid: bool) -> None:

@@ -280,17 +280,20 @@ class HybridZeroOptimizer(ShardedAdamW):
             b.dtype = functools.reduce(torch.promote_types,
                                        [local_tensor(params[i]).dtype for i in b.indices])
         self.shard_size = sum(b.shard for b in self.buckets)
-        self.layout = layout
-        self.params = params
+        self.layout, self.params = layout, params  # the master shards are cut before super()
         self.master = self._to_shards([local_tensor(p.detach()) for p in params], torch.float32)
         super().__init__(named_params, [self.master], cfg, layout, comm, scaler)
         self.norm_weights = [self._build_norm_weight()]
         self.overlap = hz.overlap_sync_grad
         self._armed = False
         if self.overlap:
-            for i, p in enumerate(params):
-                p.register_post_accumulate_grad_hook(functools.partial(self._grad_ready, i))
-            self._bucket_of = {i: b for b in self.buckets for i in b.indices}
+            self._register_grad_hooks()
+
+    def _register_grad_hooks(self) -> None:
+        """``overlap_sync_grad``: each parameter reports its final gradient to its bucket."""
+        self._bucket_of = {i: b for b in self.buckets for i in b.indices}
+        for i, p in enumerate(self.params):
+            p.register_post_accumulate_grad_hook(functools.partial(self._grad_ready, i))
 
     # -------------------------------------------------------------------------- flat views
     def _part(self, b: Bucket) -> slice:
