@@ -774,7 +774,8 @@ def _resolve_ckpt_folder(path: Path) -> Path:
 
 
 def load_model_state_for_export(path: Union[str, Path]) -> tuple[dict[str, Tensor], TrainConfig]:
-    """(model state dict, run config) of one of our checkpoints (DCP, read on one process)."""
+    """(model state dict, run config) of one of our checkpoints (DCP, read on one process), in
+    the single-process model's shapes whatever the run's parallel layout."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
@@ -791,7 +792,10 @@ def load_model_state_for_export(path: Union[str, Path]) -> tuple[dict[str, Tenso
         raise HFConversionError(f"{folder}: no '{CKPT_MODEL_PREFIX}*' tensors in the checkpoint")
     with _single_process_dcp():
         dcp.load(state, storage_reader=reader, no_dist=True)
-    return {k[len(CKPT_MODEL_PREFIX):]: v for k, v in state.items()}, cfg
+    from internevo.models.internlm import qkv_from_checkpoint  # v1 Wqkv: [3, H*d, h] on disk
+
+    names = {k: k[len(CKPT_MODEL_PREFIX):] for k in state}
+    return {names[k]: qkv_from_checkpoint(names[k], v) for k, v in state.items()}, cfg
 
 
 def config_text(cfg: TrainConfig) -> str:
@@ -815,8 +819,10 @@ def save_model_state(path: Union[str, Path], sd: dict[str, Tensor], cfg: TrainCo
     model_config.json, which the trainer loads with ``content=("model",)``."""
     import torch.distributed.checkpoint as dcp
 
+    from internevo.models.internlm import qkv_to_checkpoint  # the trainer's checkpoint layout
+
     with staged_dir(path, overwrite) as tmp:
-        state = {CKPT_MODEL_PREFIX + k: v.contiguous() for k, v in sd.items()}
+        state = {CKPT_MODEL_PREFIX + k: qkv_to_checkpoint(k, v.contiguous()) for k, v in sd.items()}
         with _single_process_dcp():
             dcp.save(state, storage_writer=dcp.FileSystemWriter(str(tmp)), no_dist=True)
         (tmp / CKPT_CONFIG_FILE).write_text(config_text(cfg))

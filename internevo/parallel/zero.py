@@ -55,6 +55,8 @@ except ImportError:  # pragma: no cover - torch without DTensor
     DTensor = ()  # type: ignore[assignment]
 
 STATE_KEYS = ("master", "exp_avg", "exp_avg_sq")
+_NORM_PIECE = 1 << 20
+"""Elements squared at a time in the gradient norm."""
 
 
 @dataclass
@@ -103,11 +105,14 @@ class ShardedAdamW:
         """Per master: weights of each element in the gradient norm (None = all 1)."""
         self.pre_reduce_hooks: list[Callable[[], None]] = []
         """Called at the start of :meth:`step` (e.g. tensor-parallel norm-gradient reduction)."""
+        # the fused kernel is one pass over the masters (~6x faster than the per-op loop on CPU)
+        fused = all(type(m) is torch.Tensor and m.dtype == torch.float32 for m in masters)
         self.inner = torch.optim.AdamW(masters, lr=cfg.adam.lr, eps=cfg.adam.adam_eps,
                                        betas=(cfg.adam.adam_beta1, cfg.init_beta2),
-                                       weight_decay=cfg.adam.weight_decay)
+                                       weight_decay=cfg.adam.weight_decay, fused=fused or None)
         for m in masters:  # allocated now so that state bytes and checkpoints exist from step 0
-            self.inner.state[m] = {"step": torch.tensor(0.0), "exp_avg": torch.zeros_like(m),
+            step = torch.tensor(0.0, device=m.device if fused else "cpu")
+            self.inner.state[m] = {"step": step, "exp_avg": torch.zeros_like(m),
                                    "exp_avg_sq": torch.zeros_like(m)}
 
     # ------------------------------------------------------------------ what subclasses define
@@ -143,8 +148,12 @@ class ShardedAdamW:
         """L2 norm of the whole gradient: every shard, every tensor-parallel rank, counted once."""
         total = torch.zeros(1, dtype=torch.float64)
         for grad, weight in zip(grads, self.norm_weights):
-            sq = local_tensor(grad).square()
-            total += (sq if weight is None else sq * weight).sum(dtype=torch.float64)
+            grad = local_tensor(grad).reshape(-1)
+            for start in range(0, grad.numel(), _NORM_PIECE):  # cache-sized temporaries
+                sq = grad[start: start + _NORM_PIECE].square()
+                if weight is not None:
+                    sq *= weight[start: start + _NORM_PIECE]
+                total += sq.sum(dtype=torch.float64)
         self.comm.all_reduce(total, "zero1")
         self.comm.all_reduce(total, "tensor")
         value = total.item()
@@ -301,12 +310,24 @@ class HybridZeroOptimizer(ShardedAdamW):
         start = self.layout.zero1_rank * b.shard
         return slice(start, start + b.shard)
 
-    def _bucket_flat(self, b: Bucket, tensors: list[torch.Tensor],
-                     dtype: torch.dtype) -> torch.Tensor:
-        """Bucket ``b``'s parameters' ``tensors`` as one zero-padded flat vector."""
-        flat = torch.zeros(b.shard * self.layout.zero1, dtype=dtype)
+    def _bucket_flat(self, b: Bucket, tensors: list[torch.Tensor], dtype: torch.dtype,
+                     out: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Bucket ``b``'s parameters' ``tensors`` as one zero-padded flat vector (into ``out``)."""
+        flat = torch.empty(b.shard * self.layout.zero1, dtype=dtype) if out is None else out
+        flat[b.numel:].zero_()
         torch.cat([tensors[i].reshape(-1).to(dtype) for i in b.indices], out=flat[: b.numel])
         return flat
+
+    def _grad_target(self, b: Bucket) -> Optional[torch.Tensor]:
+        """Where bucket ``b``'s flat gradient goes when it is already the fp32 master-layout shard
+        (zero1 == 1, fp32 bucket): a slice of one persistent buffer, so that
+        :meth:`reduce_gradients` needs neither a per-step allocation nor a concatenation."""
+        if self.layout.zero1 != 1 or b.dtype != torch.float32:
+            return None
+        if getattr(self, "_grad_buffer", None) is None:
+            self._grad_buffer = torch.empty(self.shard_size, dtype=torch.float32,
+                                            device=self.master.device)
+        return self._grad_buffer[b.offset: b.offset + b.shard]
 
     def _to_shards(self, tensors: list[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
         """Per-parameter ``tensors`` -> this rank's flat shards (master layout)."""
@@ -322,8 +343,11 @@ class HybridZeroOptimizer(ShardedAdamW):
         out: list[torch.Tensor] = [torch.empty(0)] * len(self.params)
         for b in self.buckets:
             mine = shards[b.offset: b.offset + b.shard].to(dtype or b.dtype)
-            full = mine.new_empty(b.shard * self.layout.zero1)
-            self.comm.all_gather(full, mine, "zero1")
+            if self.layout.zero1 == 1:  # nothing to gather: a view (callers copy out of it)
+                full = mine
+            else:
+                full = mine.new_empty(b.shard * self.layout.zero1)
+                self.comm.all_gather(full, mine, "zero1")
             pieces = torch.split(full[: b.numel], [self.numels[i] for i in b.indices])
             for i, piece in zip(b.indices, pieces):
                 out[i] = piece.view(self.shapes[i])
@@ -357,7 +381,7 @@ class HybridZeroOptimizer(ShardedAdamW):
 
     def _launch(self, b: Bucket) -> None:
         """Start averaging bucket ``b``: reduce-scatter in zero1 (all-reduce when zero1 == 1)."""
-        flat = self._bucket_flat(b, self._bucket_grads(b), b.dtype)
+        flat = self._bucket_flat(b, self._bucket_grads(b), b.dtype, self._grad_target(b))
         if self.layout.zero1 == 1:
             b.buffers, b.work = [flat], self.comm.all_reduce(flat, "zero1_replica", op="avg",
                                                              async_op=True)
@@ -389,7 +413,10 @@ class HybridZeroOptimizer(ShardedAdamW):
     def reduce_gradients(self) -> list[torch.Tensor]:
         """Average gradients over data parallel; returns this rank's fp32 gradient shard."""
         self._armed = False
-        return [torch.cat([self._finish(b) for b in self.buckets])]
+        shards = [self._finish(b) for b in self.buckets]
+        if all(self._grad_target(b) is not None for b in self.buckets):
+            return [self._grad_buffer]  # the shards are its slices already
+        return [torch.cat(shards)]
 
     # ----------------------------------------------------------------- parameters, checkpoints
     @torch.no_grad()

@@ -14,8 +14,9 @@ One checkpoint is one folder ``<save_ckpt_folder>/<step>/`` (``step`` = successf
 It is written as ``.tmp-<step>/`` and renamed to ``<step>/`` only once the marker is inside, so a
 numbered folder is complete by construction; auto-resume still requires the marker and loading
 checks the manifest.  Tensors are saved per parameter with their global shapes (DTensors under
-tensor parallelism / FSDP), so DCP can load them into a different parallel layout.  See
-``docs/checkpoints.md``.
+tensor parallelism / FSDP), so DCP can load them into a different parallel layout; InternLM v1's
+fused ``Wqkv`` is saved as ``[3, H*d, h]`` (bias ``[3, H*d]``) at every tensor size
+(:func:`checkpoint_layout`).  See ``docs/checkpoints.md``.
 """
 
 from __future__ import annotations
@@ -40,6 +41,8 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import nn
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+from internevo.models.internlm import qkv_checkpoint_shape, qkv_to_checkpoint
 
 try:
     from torch.distributed.tensor import DTensor, distribute_tensor
@@ -293,44 +296,112 @@ def _config_hint(folder: Path, model_cfg: dict) -> str:
     return f"; the checkpoint's model config differs: {', '.join(diffs[:6])}" if diffs else ""
 
 
-def check_tensors(folder: Path, expected: dict[str, tuple], model_cfg: dict) -> None:
-    """Every expected tensor is in the checkpoint with the same (global) shape."""
+def saved_shapes(folder: Path) -> dict[str, tuple]:
+    """DCP key -> global shape of every tensor in the checkpoint ``folder``."""
     try:
         saved = dcp.FileSystemReader(str(folder)).read_metadata().state_dict_metadata
     except Exception as err:
         raise CheckpointError(f"{folder / DCP_METADATA}: unreadable DCP metadata ({err})") from None
+    return {k: tuple(m.size) for k, m in saved.items() if isinstance(m, TensorStorageMetadata)}
+
+
+def check_tensors(folder: Path, expected: dict[str, tuple], model_cfg: dict,
+                  saved: Optional[dict[str, tuple]] = None) -> None:
+    """Every expected tensor is in the checkpoint with the same (global) shape (``expected`` in
+    the checkpoint layout: see :func:`checkpoint_layout`)."""
+    saved = saved_shapes(folder) if saved is None else saved
     for key, shape in expected.items():
-        meta = saved.get(key)
-        if not isinstance(meta, TensorStorageMetadata):
+        if key not in saved:
             raise CheckpointError(f"{folder}: tensor {key!r} is not in the checkpoint"
                                   f"{_config_hint(folder, model_cfg)}")
-        if tuple(meta.size) != tuple(shape):
-            raise CheckpointError(f"{folder}: tensor {key!r} has shape {tuple(meta.size)} in the "
+        if saved[key] != tuple(shape):
+            raise CheckpointError(f"{folder}: tensor {key!r} has shape {saved[key]} in the "
                                   f"checkpoint but {tuple(shape)} in this model"
                                   f"{_config_hint(folder, model_cfg)}")
 
 
+def _copy_full(target: torch.Tensor, source: torch.Tensor) -> None:
+    """Copy the full ``source`` (any shape with ``target``'s global element order) into
+    ``target``, taking a DTensor's local shard without communication."""
+    source = source.reshape(target.shape).to(target.dtype)
+    if isinstance(target, DTensor):  # every rank holds the full tensor
+        source = distribute_tensor(source, target.device_mesh, target.placements,
+                                   src_data_rank=None).to_local()
+        target = target.to_local()
+    target.copy_(source)
+
+
 def copy_full_state(model: nn.Module, state: dict[str, torch.Tensor], where: str) -> None:
-    """Copy full (unsharded) tensors into the model's parameters, sharding DTensors locally."""
+    """Copy full (unsharded) tensors into the model's parameters, sharding DTensors locally.
+
+    Shapes are compared in the checkpoint layout, so a single-process ``[3*H*d, h]`` v1 ``Wqkv``
+    fits a tensor-parallel ``[3, H*d, h]`` parameter."""
     current = model.state_dict()
     for name, target in current.items():
         if name not in state:
             raise CheckpointError(f"{where}: tensor {name!r} is missing")
-        if tuple(state[name].shape) != tuple(target.shape):
-            raise CheckpointError(f"{where}: tensor {name!r} has shape {tuple(state[name].shape)} "
-                                  f"but the model's is {tuple(target.shape)}")
+        got, want = tuple(state[name].shape), tuple(target.shape)
+        if (qkv_checkpoint_shape(name, got) or got) != (qkv_checkpoint_shape(name, want) or want):
+            raise CheckpointError(f"{where}: tensor {name!r} has shape {got} but the model's is "
+                                  f"{want}")
     extra = sorted(set(state) - set(current))
     if extra:
         raise CheckpointError(f"{where}: tensors not in this model: {extra[:5]}")
     with torch.no_grad():
         for name, target in current.items():
-            source = state[name].to(target.dtype)
-            if isinstance(target, DTensor):
-                # every rank holds the full tensor: take the local shard without communication
-                source = distribute_tensor(source, target.device_mesh, target.placements,
-                                           src_data_rank=None).to_local()
-                target = target.to_local()
-            target.copy_(source)
+            _copy_full(target, state[name])
+
+
+def checkpoint_layout(state: dict, saved: Optional[dict[str, tuple]] = None
+                      ) -> tuple[dict, list[tuple[torch.Tensor, torch.Tensor]]]:
+    """``{"model": {name: t}, "optimizer": {"params": {name: {key: t}}, ...}}`` (either part
+    optional) with every tensor in its checkpoint shape, which does not depend on the layout:
+    InternLM v1's fused ``Wqkv`` is ``[3, H*d, h]`` / ``[3, H*d]``
+    (:func:`~internevo.models.internlm.qkv_to_checkpoint`), everything else keeps its shape.
+
+    The tensors are views of the originals, so DCP's in-place load reaches them.  A tensor
+    without such a view (an FSDP-sharded ``Wqkv``) is replaced by a full tensor: its value when
+    saving (``saved`` None; a collective), an empty buffer when loading, and the
+    ``(original, full)`` pairs are returned for :func:`copy_back` after the load.  When loading,
+    ``saved`` (:func:`saved_shapes`) lets a single-process v1 checkpoint written before this
+    layout (``Wqkv`` as ``[3*H*d, h]``) load too.
+    """
+    copies: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+    def convert(key: str, name: str, t: torch.Tensor) -> torch.Tensor:
+        if saved is not None:
+            shape = qkv_checkpoint_shape(name, t.shape)
+            if shape is not None and saved.get(key) == (shape[0] * shape[1], *shape[2:]):
+                if tuple(t.shape) == saved[key]:  # an old flat v1 checkpoint
+                    return t
+                out = torch.empty(saved[key], dtype=t.dtype)
+                copies.append((t, out))
+                return out
+        out = qkv_to_checkpoint(name, t)
+        if out is not None:
+            return out
+        shape = qkv_checkpoint_shape(name, t.shape)
+        if saved is None:
+            return t.full_tensor().view(shape)
+        out = torch.empty(shape, dtype=t.dtype)
+        copies.append((t, out))
+        return out
+
+    out = dict(state)
+    if "model" in state:
+        out["model"] = {n: convert(f"model.{n}", n, t) for n, t in state["model"].items()}
+    if "optimizer" in state and "params" in state["optimizer"]:
+        params = {n: {k: convert(f"optimizer.params.{n}.{k}", n, t) for k, t in d.items()}
+                  for n, d in state["optimizer"]["params"].items()}
+        out["optimizer"] = {**state["optimizer"], "params": params}
+    return out, copies
+
+
+@torch.no_grad()
+def copy_back(copies: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+    """After a load through :func:`checkpoint_layout`: the full tensors into the originals."""
+    for target, full in copies:
+        _copy_full(target, full)
 
 
 # ------------------------------------------------------------------------------ state helpers
@@ -544,12 +615,15 @@ class CheckpointManager:
             state["optimizer"], opt_plain = split_tree(t.optimizer.state_dict())
         if not state:
             return
-        check_tensors(folder, flat_shapes(state), asdict(self.cfg.model))
+        saved = saved_shapes(folder)
+        disk, copies = checkpoint_layout(state, saved)  # views: loading fills ``state``
+        check_tensors(folder, flat_shapes(disk), asdict(self.cfg.model), saved)
         try:
-            dcp.load(state, storage_reader=dcp.FileSystemReader(str(folder)), **self._dcp_kwargs())
+            dcp.load(disk, storage_reader=dcp.FileSystemReader(str(folder)), **self._dcp_kwargs())
         except (Exception, dcp.CheckpointException) as err:
             raise CheckpointError(f"{folder}: reading the checkpoint failed: "
                                   f"{_reason(err)}") from err
+        copy_back(copies)
         if "optimizer" in parts:
             plain = merge_tree(opt_plain, _meta_field(meta, "optimizer", folder))
             t.optimizer.load_state_dict(merge_tree(state["optimizer"], plain))
@@ -650,7 +724,8 @@ class CheckpointManager:
         self._prepare(tmp)
         opt_tensors, opt_plain = split_tree(self.trainer.optimizer.state_dict())
         self._write_extras(tmp, step, opt_plain)
-        state = {"model": self.trainer.model.state_dict(), "optimizer": opt_tensors}
+        state, _ = checkpoint_layout({"model": self.trainer.model.state_dict(),
+                                      "optimizer": opt_tensors})
         self._saved_batch, self._saved_step = st.batch_count, step
         writer = dcp.FileSystemWriter(str(tmp))
         if self._executor is None:
