@@ -96,7 +96,7 @@ def run_steps(trainer: Trainer, steps: int = STEPS, poison_step: int = POISON_ST
     records = []
     for step, batch in enumerate(global_batches()[first: first + steps], start=first):
         if step == poison_step and layout.dp_rank == layout.data - 1:
-            trainer.loss_fn = _poison_rows(trainer, per_rank if layout.data == 1 else 1)
+            _poison_rows(trainer, per_rank if layout.data == 1 else 1)
         start = layout.dp_rank * per_rank
         records.append(trainer.train_step(rows_of(batch, start, start + per_rank)))
         trainer.state.batch_count += 1  # as Trainer.fit does: the next batch's index
@@ -141,17 +141,18 @@ def train(cfg: TrainConfig, rank: int, world: int) -> dict:
         return {"records": records, "c10d_calls": seen.calls, **summary(trainer)}
 
 
-def _poison_rows(trainer: Trainer, rows: int):
-    """A loss function that is non-finite for the next ``rows`` calls, then the normal one."""
-    base, left = trainer.loss_fn, [rows]
+def _poison_rows(trainer: Trainer, rows: int) -> None:
+    """Make the model's output (logits, or hidden states for the fused head + loss) infinite for
+    the next ``rows`` forward calls: the loss and every gradient of this rank become non-finite."""
+    left = [rows]
 
-    def loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    def hook(module: torch.nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
         left[0] -= 1
         if left[0] == 0:
-            trainer.loss_fn = base
-        return base(logits, labels) * math.inf
+            handle.remove()
+        return output * math.inf
 
-    return loss
+    handle = trainer.model.register_forward_hook(hook)
 
 
 def _block_names(trainer: Trainer) -> list[str]:
@@ -190,7 +191,9 @@ def run_modes(rank: int, world: int, root: Path) -> dict:
     checkpoint leg of this world size."""
     results = {name: train(tiny_config(*spec), rank, world)
                for name, spec in MODES[world].items()}
-    results["checkpoint_leg"] = checkpoint_leg(rank, world, root)
+    source = CHECKPOINT_LEGS[world][1]
+    ready = source is None or (root / source).is_dir()  # -k may have deselected the 4-rank run
+    results["checkpoint_leg"] = checkpoint_leg(rank, world, root) if ready else None
     return results
 
 
@@ -310,6 +313,8 @@ def _assert_continues(records: list[dict], reference: dict, first: int, where: s
 def test_checkpoints_resume_across_layouts(reference, distributed, checkpoints):
     """dp=4 zero1=2 (ZeRO) -> dp=2 FSDP -> 1 process, and dp=4 zero1=2 -> 1 process."""
     world, ranks = distributed
+    if ranks[0]["checkpoint_leg"] is None:
+        pytest.skip("the 2-rank leg resumes the 4-rank leg's checkpoint: run both")
     leg_first = {4: 0, 2: SAVE_AT}[world]
     for rank, res in enumerate(ranks):
         _assert_continues(res["checkpoint_leg"], reference, leg_first, f"leg {world} rank {rank}")
