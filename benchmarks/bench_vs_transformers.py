@@ -126,13 +126,14 @@ def timed(fn, *a) -> tuple[float, float]:
     return time.perf_counter() - start, out
 
 
-def profile_ours(trainer: Trainer, batch: dict) -> None:
-    """Top operators of one of our steps (self CPU time)."""
+def profile_step(name: str, fn, *a) -> None:
+    """Top operators of one step (self CPU time)."""
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CPU]) as prof:
-        trainer.train_step(batch)
-    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25))
+        fn(*a)
+    print(f"--- profile of one {name} step")
+    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=20))
 
 
 def main() -> None:
@@ -167,7 +168,8 @@ def main() -> None:
             losses.append((rec["loss"], loss))
         peak = max(peak, measure_cpu_matmul_peak(dtype))
         if args.profile:
-            profile_ours(trainer, our_batch(tokens[-1], args.micro_num))
+            profile_step("internevo", trainer.train_step, our_batch(tokens[-1], args.micro_num))
+            profile_step("transformers", their_step, model, opt, tokens[-1], dtype)
     n_tok = args.docs * args.seq
     flops = step_flops(cfg, n_tok, [args.seq] * args.docs)
     print(f"shape: hidden {args.hidden}, {args.layers} layers, 8 heads / 4 KV, FFN {args.ffn}, "

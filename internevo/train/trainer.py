@@ -80,7 +80,7 @@ class Trainer:
         """Loss by :func:`fused_lm_loss` (tensor parallel off, plain single-device head)."""
 
     def can_fuse_head(self) -> bool:
-        """The chunked head + loss applies: no tensor parallel / FSDP, an unsharded bias-free head."""
+        """The chunked head + loss applies: no tensor parallel or FSDP, a bias-free Linear head."""
         model = self.model
         head = getattr(model, getattr(model, "head_attr", ""), None)
         return (self.layout.tensor == 1 and not self.layout.fsdp
