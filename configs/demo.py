@@ -11,8 +11,8 @@ data = dict(
     seq_len=SEQ_LEN,
     micro_bsz=2,  # two 256-token windows per packed row
     micro_num=2,  # two rows per optimizer step
-    total_steps=100,
-    valid_every=50,
+    total_steps=60,
+    valid_every=30,
     valid_micro_num=2,
     train_folder="demo_data/train",
     valid_folder="demo_data/valid",
@@ -44,7 +44,7 @@ loss = dict(label_smoothing=0)
 ckpt = dict(
     enable_save_ckpt=True,
     save_ckpt_folder="runs/demo/checkpoints",
-    checkpoint_every=50,
+    checkpoint_every=30,
     auto_resume=False,
 )
 parallel = dict(zero1=dict(size=-1), tensor=dict(size=1, mode="mtp"), pipeline=1)

@@ -92,7 +92,7 @@ def export_and_generate(prompt: str = "ROMEO:") -> None:
     tokenizer = AutoTokenizer.from_pretrained(hf_dir)
     model = LlamaForCausalLM.from_pretrained(hf_dir)
     ids = tokenizer(prompt, return_tensors="pt").input_ids
-    out = model.generate(ids, max_new_tokens=40, do_sample=False)
+    out = model.generate(ids, max_new_tokens=40, do_sample=False, repetition_penalty=1.3)
     print(f"\n[demo] exported to {hf_dir} (stock transformers LlamaForCausalLM); "
           "greedy continuation:")
     print(tokenizer.decode(out[0], skip_special_tokens=True))
