@@ -95,22 +95,21 @@ class Trainer:
         stats = None
         for m in range(rows):
             self.optimizer.start_micro_step(last=m == rows - 1)  # gradient sync / overlap
-            if self.fused_head:
-                loss, row_stats = self.fused_row_loss(batch, m)
-                loss = loss / rows
-            else:
-                logits = self.model(batch["input_ids"][m:m + 1],
-                                    cu_seqlens=batch["cu_seqlens"][m],
-                                    indexes=batch["indexes"][m:m + 1])
-                loss = self.loss_fn(logits, batch["labels"][m:m + 1]) / rows
+            loss, row_stats = self.row_loss(batch, m)
+            loss = loss / rows
             (loss * loss_scale).backward() if loss_scale != 1.0 else loss.backward()
             loss_sum += loss.item()
-            if not self.fused_head:
-                row_stats = self.row_stats(logits, batch, m)
-                del logits
             stats = row_stats if stats is None else {k: stats[k] + row_stats[k] for k in stats}
             del loss
         return loss_sum, stats
+
+    def row_loss(self, batch: dict, m: int) -> tuple[torch.Tensor, dict]:
+        """Token-mean loss of row ``m`` and its per-type metrics."""
+        if self.fused_head:
+            return self.fused_row_loss(batch, m)
+        logits = self.model(batch["input_ids"][m:m + 1], cu_seqlens=batch["cu_seqlens"][m],
+                            indexes=batch["indexes"][m:m + 1])
+        return self.loss_fn(logits, batch["labels"][m:m + 1]), self.row_stats(logits, batch, m)
 
     def fused_row_loss(self, batch: dict, m: int) -> tuple[torch.Tensor, dict]:
         """Loss and metrics of row ``m`` by the chunked head + cross entropy (no [P, V] logits)."""
