@@ -93,8 +93,9 @@ def all_reduce(comm: Comm, x: Tensor, op: str = "sum") -> Tensor:
 # autograd functions (forward / backward collective pairs)
 
 
-class _CopyToTP(Function):
-    """mtp region entry: identity forward, all-reduce of the input gradient in backward."""
+class _AllReduceGrad(Function):
+    """Identity forward, gradient summed over the tensor group in backward: the mtp region entry,
+    and the replicated parameters (norms, row bias) whose gradients are partial under sp."""
 
     @staticmethod
     def forward(ctx: Any, x: Tensor, comm: Comm) -> Tensor:
@@ -168,19 +169,6 @@ class _SplitGather(Function):
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple:
         return gather_dim(ctx.comm, grad.contiguous(), ctx.dim), None, None
-
-
-class _SumGrad(Function):
-    """Identity forward; the gradient is summed over the tensor group (sequence-parallel params)."""
-
-    @staticmethod
-    def forward(ctx: Any, x: Tensor, comm: Comm) -> Tensor:
-        ctx.comm = comm
-        return x.view_as(x)
-
-    @staticmethod
-    def backward(ctx: Any, grad: Tensor) -> tuple:
-        return all_reduce(ctx.comm, grad), None
 
 
 class _FSPLinear(Function):
@@ -281,7 +269,9 @@ class RowParallelLinear(nn.Linear):
             out = _ReduceFromTP.apply(out, self.tp.comm)
         if self.bias is None:
             return out
-        bias = _SumGrad.apply(self.bias, self.tp.comm) if self.tp.sequence_parallel else self.bias
+        bias = self.bias
+        if self.tp.sequence_parallel:
+            bias = _AllReduceGrad.apply(bias, self.tp.comm)
         return out + bias
 
 
@@ -292,7 +282,7 @@ class SequenceParallelRMSNorm(RMSNorm):
 
     def forward(self, x: Tensor) -> Tensor:
         """Normalise the last dimension (fp32 math, as :class:`RMSNorm`)."""
-        weight = _SumGrad.apply(self.weight, self.tp.comm)
+        weight = _AllReduceGrad.apply(self.weight, self.tp.comm)
         return F.rms_norm(x.float(), weight.shape, weight.float(), self.eps).to(x.dtype)
 
 
@@ -464,7 +454,7 @@ def _enter_region(module: nn.Module, tp: TPContext) -> None:
     def enter(_: nn.Module, args: tuple) -> tuple:
         x = args[0]
         if not tp.sequence_parallel:
-            return (_CopyToTP.apply(x, tp.comm), *args[1:])
+            return (_AllReduceGrad.apply(x, tp.comm), *args[1:])
         if tp.mode == "fsp":
             tp.local_input.append(x)
         return (_GatherScatter.apply(x, tp.comm, SEQ_DIM), *args[1:])
