@@ -66,6 +66,10 @@ def test_metrics_written_everywhere(tmp_path):
         for key in ("step", "loss", "lr", "grad_norm", "tokens", "tgs", "tflops", "mfu"):
             assert key in r
         assert r["tokens"] == 2 * 32 and r["tgs"] > 0 and r["tflops"] > 0
+        # one data type: its accuracy equals the overall one, its tokens are the supervised ones
+        (name,) = [k.split("/", 1)[1] for k in r if k.startswith("acc/")]
+        assert r[f"acc/{name}"] == pytest.approx(r["acc"])
+        assert 0 < r[f"tokens/{name}"] <= r["tokens"]
     assert any((tmp_path / "run" / "tensorboard").iterdir())
     assert history[-1]["loss"] == records[-1]["loss"]
 

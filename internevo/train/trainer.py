@@ -181,7 +181,20 @@ class Trainer:
             "comm_bytes": self.comm.total_bytes(),
         }
         record.update(self.comm.snapshot())
+        record.update(self.per_type_metrics(stats))
         return record
+
+    def per_type_metrics(self, stats: dict) -> dict:
+        """``acc/<type>``, ``loss/<type>`` and ``tokens/<type>`` of this rank's rows."""
+        names = getattr(self.loader, "dataset_types", None) or ["all"]
+        out = {}
+        for i, name in enumerate(names[: self.num_types]):
+            count = stats["tokens"][i].item()
+            if count:
+                out[f"acc/{name}"] = stats["correct"][i].item() / count
+                out[f"loss/{name}"] = stats["nll"][i].item() / count
+                out[f"tokens/{name}"] = count
+        return out
 
     # ----------------------------------------------------------------------------- the loop
     def fit(self) -> list[dict]:
