@@ -22,7 +22,6 @@ from internevo.models.layers import (
     SwiGLU,
     apply_rotary,
     attend,
-    dropout,
     ffn_hidden,
 )
 
@@ -86,6 +85,8 @@ class MHA(nn.Module):
 class InternLMBlock(Block):
     """InternEvo's block: ``r = drop(x); r = drop(mixer(norm1(r))) + r; mlp(norm2(r)) + r``."""
 
+    part_names = ("mixer", "norm1", "mlp", "norm2")
+
     def __init__(self, m: ModelConfig) -> None:
         super().__init__()
         h = m.hidden_size
@@ -95,12 +96,6 @@ class InternLMBlock(Block):
         self.norm2 = RMSNorm(h, m.layer_norm_epsilon)
         self.mlp = SwiGLU(h, ffn_hidden(h, m.mlp_ratio, m.multiple_of))
 
-    def block_forward(self, x: Tensor, ctx: ForwardContext) -> Tensor:
-        """Pre-norm attention and MLP with residuals (spec §4.1)."""
-        residual = dropout(x, self.drop_rate, self.training)
-        attn = self.mixer(self.norm1(residual), ctx)
-        residual = dropout(attn, self.drop_rate, self.training) + residual
-        return self.mlp(self.norm2(residual)) + residual
 
 
 class InternLM(CausalLM):

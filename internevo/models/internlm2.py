@@ -18,7 +18,6 @@ from internevo.models.layers import (
     SwiGLU,
     apply_rotary,
     attend,
-    dropout,
     ffn_hidden,
 )
 
@@ -61,6 +60,8 @@ class GQA(nn.Module):
 class InternLM2Block(Block):
     """``r = drop(x); r = drop(attention(attention_norm(r))) + r; out = ffn(ffn_norm(r)) + r``."""
 
+    part_names = ("attention", "attention_norm", "feed_forward", "ffn_norm")
+
     def __init__(self, m: ModelConfig) -> None:
         super().__init__()
         h = m.hidden_size
@@ -70,12 +71,6 @@ class InternLM2Block(Block):
         self.ffn_norm = RMSNorm(h, m.layer_norm_epsilon)
         self.feed_forward = SwiGLU(h, ffn_hidden(h, m.mlp_ratio, m.multiple_of))
 
-    def block_forward(self, x: Tensor, ctx: ForwardContext) -> Tensor:
-        """Pre-norm attention and MLP with residuals (spec §4.2)."""
-        residual = dropout(x, self.drop_rate, self.training)
-        attn = self.attention(self.attention_norm(residual), ctx)
-        residual = dropout(attn, self.drop_rate, self.training) + residual
-        return self.feed_forward(self.ffn_norm(residual)) + residual
 
 
 class InternLM2(CausalLM):

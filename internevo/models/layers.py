@@ -169,6 +169,9 @@ class Block(nn.Module):
     """
 
     recompute: bool = False
+    part_names: tuple[str, str, str, str] = ()
+    """Attribute names of (attention, its norm, MLP, its norm): each model keeps its own names."""
+    drop_rate: float = 0.0
 
     def forward(self, x: Tensor, ctx: ForwardContext) -> Tensor:
         """Run the block, under non-reentrant checkpointing when ``recompute`` is set."""
@@ -177,8 +180,12 @@ class Block(nn.Module):
         return self.block_forward(x, ctx)
 
     def block_forward(self, x: Tensor, ctx: ForwardContext) -> Tensor:
-        """The block's computation (implemented by each model)."""
-        raise NotImplementedError
+        """Pre-norm attention and MLP with residuals (spec §4.1, §4.2)."""
+        attention, attention_norm, mlp, mlp_norm = (getattr(self, n) for n in self.part_names)
+        residual = dropout(x, self.drop_rate, self.training)
+        attn = attention(attention_norm(residual), ctx)
+        residual = dropout(attn, self.drop_rate, self.training) + residual
+        return mlp(mlp_norm(residual)) + residual
 
 
 class CausalLM(nn.Module):
