@@ -54,7 +54,7 @@ def trainer_tokens_per_s(cfg: TrainConfig, steps: int) -> float:
     this number does not depend on the loader being measured.  No warm-up step: on CPU one step
     takes many seconds, so first-call overheads do not matter.
     """
-    from internevo.models.registry import build_model
+    from internevo.models.build import build_model
 
     model = build_model(cfg)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)

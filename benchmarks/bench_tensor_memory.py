@@ -15,11 +15,12 @@ import argparse
 import torch
 
 from internevo.config import TrainConfig, config_from_dict
-from internevo.models.registry import build_model
+from internevo.models.build import build_model
 from internevo.parallel.comm import Comm, human_bytes
 from internevo.parallel.layout import ParallelLayout
 from internevo.parallel.spawn import spawn_ranks
-from internevo.parallel.tensor import apply_tensor_parallel, saved_activation_bytes
+from internevo.parallel.tensor import apply_tensor_parallel
+from tests.oracles import saved_activation_bytes
 
 MODELS = ("INTERNLM2_PUBLIC", "INTERNLM")
 

@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Optional
 
+import torch
+
+from internevo.checkpoint.format import CheckpointError
 from internevo.config import ConfigError
-from internevo.train.checkpoint import CheckpointError
 
 
 def add_train_arguments(parser: argparse.ArgumentParser) -> None:
@@ -100,9 +104,109 @@ def _alpaca(argv: list[str]) -> int:
 
 
 def _convert(argv: list[str]) -> int:
-    from internevo.models.hf import convert_main
-
     return convert_main(argv)
+
+
+# --------------------------------------------------------------------------------------------
+# internevo convert
+
+_DTYPE_NAMES = {
+    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16,
+    "fp16": torch.float16, "half": torch.float16, "float32": torch.float32, "fp32": torch.float32,
+    "float": torch.float32,
+}
+
+
+def parse_size(text: str) -> int:
+    """``10GB`` / ``500MB`` / ``2GiB`` / ``1048576`` -> bytes."""
+    match = re.fullmatch(r"\s*([\d.]+)\s*([KMGT]?)(i?)B?\s*", text, re.IGNORECASE)
+    if not match:
+        raise argparse.ArgumentTypeError(f"not a size: {text!r} (e.g. 10GB, 500MB)")
+    value, unit, binary = match.groups()
+    power = "KMGT".find(unit.upper()) + 1 if unit else 0
+    return int(float(value) * (1024 if binary else 1000) ** power)
+
+
+def parse_dtype(text: str) -> torch.dtype:
+    """``bfloat16`` / ``bf16`` / ``torch.float16`` … -> torch dtype."""
+    name = text.removeprefix("torch.").lower()
+    if name not in _DTYPE_NAMES:
+        raise argparse.ArgumentTypeError(f"unsupported dtype {text!r}; use bfloat16, float16 or "
+                                         "float32")
+    return _DTYPE_NAMES[name]
+
+
+def _to_hf(args: argparse.Namespace) -> int:
+    from internevo.convert.hf_folder import export_hf, load_model_state_for_export
+
+    sd, cfg = load_model_state_for_export(args.src)
+    out = export_hf(sd, cfg, args.tgt, args.tokenizer, args.format, args.dtype,
+                    args.max_shard, args.overwrite)
+    print(f"wrote {args.format} Hugging Face folder {out} ({cfg.model_type}, {args.dtype})")
+    if args.format == "internlm2":
+        print("note: copy configuration_internlm2.py / modeling_internlm2.py from an InternLM2 "
+              "release into it to load with trust_remote_code=True")
+    return 0
+
+
+def _from_hf(args: argparse.Namespace) -> int:
+    from internevo.checkpoint.format import save_model_state
+    from internevo.config import config_from_dict
+    from internevo.convert.hf_folder import load_hf
+    from internevo.models.registry import get_spec
+
+    sd, overrides = load_hf(args.src, args.model_type)
+    if args.dtype is not None:
+        sd = {k: v.to(args.dtype) for k, v in sd.items()}
+        overrides["model"]["dtype"] = str(args.dtype)
+    if "adapt_hf" in overrides["model"] and not args.adapt_hf:
+        overrides["model"]["adapt_hf"] = False
+    cfg = config_from_dict(overrides, str(Path(args.src) / "config.json"))
+    order = get_spec(cfg.model_type).hf.from_hf_order
+    sd = sd if order is None else order(sd, cfg)
+    save_model_state(args.tgt, sd, cfg, args.overwrite)
+    print(f"wrote checkpoint {args.tgt} ({cfg.model_type}); load it with "
+          f"load_ckpt_info=dict(path={str(args.tgt)!r}, content=('model',), ckpt_type='internevo')")
+    return 0
+
+
+def build_convert_parser() -> argparse.ArgumentParser:
+    """``internevo convert {to-hf,from-hf}``."""
+    parser = argparse.ArgumentParser(prog="internevo convert")
+    sub = parser.add_subparsers(dest="command", required=True)
+    to = sub.add_parser("to-hf", help="our checkpoint -> Hugging Face folder")
+    to.add_argument("--src", required=True, help="checkpoint folder (or a run's save folder)")
+    to.add_argument("--tgt", required=True, help="Hugging Face folder to write")
+    to.add_argument("--tokenizer", required=True, help="SentencePiece model (or tokenizer folder)")
+    to.add_argument("--format", choices=("llama", "internlm2"), default="llama")
+    to.add_argument("--dtype", type=parse_dtype, default=torch.bfloat16)
+    to.add_argument("--max_shard", type=parse_size, default=10 * 10**9, help="e.g. 10GB")
+    to.add_argument("--overwrite", action="store_true", help="replace a non-empty --tgt")
+    to.set_defaults(run=_to_hf)
+    back = sub.add_parser("from-hf", help="Hugging Face folder -> our checkpoint")
+    back.add_argument("--src", required=True, help="Hugging Face folder (safetensors)")
+    back.add_argument("--tgt", required=True, help="checkpoint folder to write")
+    back.add_argument("--dtype", type=parse_dtype, default=None, help="default: keep the weights'")
+    back.add_argument("--model_type", default=None,
+                      help="registered model to read it as (default: the first that matches)")
+    back.add_argument("--adapt_hf", type=lambda s: s.lower() in ("1", "true", "yes"),
+                      default=True, help="InternLM2: false stores q/k interleaved")
+    back.add_argument("--overwrite", action="store_true", help="replace a non-empty --tgt")
+    back.set_defaults(run=_from_hf)
+    return parser
+
+
+def convert_main(argv: Sequence[str]) -> int:
+    """Entry point of ``internevo convert`` and of ``tools/transformers/*.py``."""
+    from internevo.convert.hf_config import HFConversionError
+
+    args = build_convert_parser().parse_args(list(argv))
+    try:
+        return args.run(args)
+    except (HFConversionError, CheckpointError, ConfigError, FileExistsError,
+            FileNotFoundError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -405,7 +405,7 @@ class TrainConfig:
     JOB_NAME: str = "AnonymousJob"
     """Run name; the default run folder is ``runs/<JOB_NAME>``."""
     model_type: str = "INTERNLM"
-    """Registered model: ``INTERNLM`` or ``INTERNLM2_PUBLIC``."""
+    """Registered model (``internevo.models.registry``): ``INTERNLM``, ``INTERNLM2_PUBLIC`` …"""
     data: DataConfig = field(default_factory=DataConfig)
     """Data section."""
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -491,14 +491,6 @@ _FROZEN_ONLY = {  # field -> the only supported value (accepted for compatibilit
     "lr_scheduler.last_epoch": -1,
     "beta2_scheduler.cur_iter": -1,
 }
-MODEL_KEYS_ONLY_FOR = {
-    "INTERNLM2_PUBLIC": {
-        "num_kv_attention_heads", "adapt_hf", "no_bias", "init_type",
-        "embedding_init_std", "attn_wqkv_init_std", "attn_other_init_std",
-        "ffn_uplayer_init_std", "ffn_other_init_std", "out_head_init_std", "norm_head",
-    },
-}
-MODEL_TYPES = ("INTERNLM", "INTERNLM2_PUBLIC")
 
 
 # --------------------------------------------------------------------------------------------
@@ -613,14 +605,26 @@ def _validate_data(cfg: TrainConfig, where: str) -> None:
                "streaming data needs a tokenizer (SentencePiece model or HF tokenizer folder)")
 
 
+def _validate_model_type(cfg: TrainConfig, where: str) -> None:
+    """``model_type`` is registered and every given ``model.*`` key is one it accepts.
+
+    The one import from config into a higher layer, done lazily at validation time: the model
+    registry owns the list of types and the keys each spec accepts (tests/test_imports.py
+    allows exactly this import)."""
+    from internevo.models.registry import MODEL_REGISTRY, foreign_keys
+
+    _check(cfg.model_type in MODEL_REGISTRY, where, "model_type",
+           f"unknown model type {cfg.model_type!r}; registered: {', '.join(MODEL_REGISTRY)}")
+    foreign = foreign_keys(cfg.model_type)
+    wrong = sorted(set(getattr(cfg.model, "_given", ())) & set(foreign))
+    if wrong:
+        raise _fail(where, f"model.{wrong[0]}", f"not a parameter of {cfg.model_type} "
+                    f"(only of {', '.join(foreign[wrong[0]])})")
+
+
 def _validate_model(cfg: TrainConfig, where: str) -> None:
     m = cfg.model
-    _check(cfg.model_type in MODEL_TYPES, where, "model_type",
-           f"unknown model type {cfg.model_type!r}; registered: {', '.join(MODEL_TYPES)}")
-    for key, allowed_for in ((k, t) for t, ks in MODEL_KEYS_ONLY_FOR.items() for k in ks):
-        if key in getattr(m, "_given", ()) and cfg.model_type != allowed_for:
-            raise _fail(where, f"model.{key}", f"not a parameter of {cfg.model_type} "
-                        f"(only of {allowed_for})")
+    _validate_model_type(cfg, where)
     for key in ("num_layers", "hidden_size", "num_attention_heads", "vocab_size", "multiple_of"):
         _check(getattr(m, key) >= 1, where, f"model.{key}", f"must be >= 1, got {getattr(m, key)}")
     _check(m.hidden_size % m.num_attention_heads == 0, where, "model.num_attention_heads",

@@ -83,7 +83,7 @@ def export_and_generate(prompt: str = "ROMEO:") -> None:
     """Export the final checkpoint to a Hugging Face Llama folder; continue ``prompt`` with it."""
     from transformers import AutoTokenizer, LlamaForCausalLM
 
-    from internevo.models.hf import convert_main
+    from internevo.cli import convert_main
 
     hf_dir = RUN_DIR / "hf"
     convert_main(["to-hf", "--src", str(RUN_DIR / "checkpoints"), "--tgt", str(hf_dir),

@@ -10,18 +10,18 @@ import pytest
 import torch
 import torch.distributed.checkpoint as dcp
 
+from internevo.checkpoint.manager import (
+    CheckpointError,
+    latest_checkpoint,
+    local_path,
+    parse_load_info,
+)
 from internevo.config import config_from_dict
 from internevo.data.tokenized import TokenizedWriter
 from internevo.launch import seed_everything
 from internevo.parallel.comm import Comm
 from internevo.parallel.layout import ParallelLayout
 from internevo.parallel.spawn import spawn_ranks
-from internevo.train.checkpoint import (
-    CheckpointError,
-    latest_checkpoint,
-    local_path,
-    parse_load_info,
-)
 from internevo.train.trainer import Trainer
 
 # single-process DCP calls warn that they are single-process (pytest shows it despite the filter)
@@ -296,7 +296,7 @@ def test_failed_save_leaves_previous_checkpoint(tmp_path, monkeypatch):
 def test_hf_folder_loads_and_bad_folders_are_named(tmp_path):
     from safetensors.torch import load_file, save_file
 
-    from internevo.models.hf import export_hf
+    from internevo.convert.hf_folder import export_hf
 
     t = make_trainer(make_cfg(tmp_path / "empty"), tmp_path / "run")
     weights = {k: v * 0.5 for k, v in t.model.state_dict().items()}

@@ -15,14 +15,15 @@ import pytest
 import torch
 import torch.distributed.checkpoint as dcp
 
+from internevo.checkpoint import format as ckpt_format
+from internevo.checkpoint.manager import parse_load_info
 from internevo.config import config_from_dict
-from internevo.models import hf
-from internevo.models.internlm import qkv_from_checkpoint
-from internevo.models.registry import build_model
+from internevo.convert import hf_folder
+from internevo.models.build import build_model
+from internevo.models.registry import get_spec
 from internevo.parallel.comm import Comm
 from internevo.parallel.layout import ParallelLayout
 from internevo.parallel.spawn import spawn_ranks
-from internevo.train.checkpoint import parse_load_info
 from internevo.train.trainer import Trainer
 
 pytestmark = pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
@@ -55,7 +56,7 @@ def make_trainer(cfg, run_dir: Path, world: int = 1, rank: int = 0) -> Trainer:
 def _full(name: str, t: torch.Tensor) -> torch.Tensor:
     """Full value in the single-process model's shape (tensor-parallel DTensors gathered)."""
     t = t.full_tensor() if hasattr(t, "full_tensor") else t
-    return qkv_from_checkpoint(name, t.detach()).clone()
+    return ckpt_format.from_checkpoint_shape(get_spec("INTERNLM"), name, t.detach()).clone()
 
 
 def gathered(trainer: Trainer) -> dict:
@@ -147,14 +148,14 @@ def test_single_process_checkpoint_loads_at_tp2(runs) -> None:
 
 
 def test_hf_export_of_tp2_checkpoint_equals_single_process_model(runs, tmp_path) -> None:
-    sd, cfg = hf.load_model_state_for_export(runs["root"] / "tp2" / str(STEPS))
+    sd, cfg = hf_folder.load_model_state_for_export(runs["root"] / "tp2" / str(STEPS))
     weights = runs["tp2"][0]["trained"]["weights"]
     assert sd.keys() == weights.keys()
     assert all(torch.equal(sd[k], weights[k]) for k in sd)
     reference = build_model(cfg).eval()
     reference.load_state_dict(weights)
-    hf.export_hf(sd, cfg, tmp_path / "hf", None, "llama", torch.float32)
-    back, overrides = hf.load_hf(tmp_path / "hf")
+    hf_folder.export_hf(sd, cfg, tmp_path / "hf", None, "llama", torch.float32)
+    back, overrides = hf_folder.load_hf(tmp_path / "hf")
     exported = build_model(config_from_dict(overrides)).eval()
     exported.load_state_dict(back)
     ids = torch.randint(0, 256, (1, 16), generator=torch.Generator().manual_seed(0))
@@ -170,14 +171,14 @@ def test_hf_export_of_tp2_checkpoint_equals_single_process_model(runs, tmp_path)
 def test_model_only_checkpoint_round_trip_and_old_flat_layout(runs, tmp_path) -> None:
     """``save_model_state`` writes the same layout; a folder with the old flat single-process
     ``Wqkv`` ([3*H*d, h], written before the layout was fixed) still loads, at tp=1."""
-    sd, cfg = hf.load_model_state_for_export(runs["root"] / "tp2" / str(STEPS))
-    hf.save_model_state(tmp_path / "new", sd, cfg)
+    sd, cfg = hf_folder.load_model_state_for_export(runs["root"] / "tp2" / str(STEPS))
+    ckpt_format.save_model_state(tmp_path / "new", sd, cfg)
     meta = dcp.FileSystemReader(str(tmp_path / "new")).read_metadata().state_dict_metadata
     assert tuple(meta[f"model.{QKV}"].size) == (3, 32, 32)
     old = tmp_path / "old"
     dcp.save({f"model.{k}": v for k, v in sd.items()},
              storage_writer=dcp.FileSystemWriter(str(old)), no_dist=True)
-    (old / "config.py").write_text(hf.config_text(cfg))
+    (old / "config.py").write_text(ckpt_format.config_text(cfg))
     assert tuple(dcp.FileSystemReader(str(old)).read_metadata()
                  .state_dict_metadata[f"model.{QKV}"].size) == (96, 32)
     for folder in (tmp_path / "new", old):

@@ -13,10 +13,11 @@ import math
 import pytest
 import torch
 import torch.distributed as dist
+from oracles import analytic_step_bytes
 from torch.testing._internal.distributed.fake_pg import FakeStore
 
 from internevo.config import config_from_dict
-from internevo.parallel.comm import Comm, analytic_step_bytes, human_bytes, wire_bytes
+from internevo.parallel.comm import Comm, human_bytes, wire_bytes
 from internevo.parallel.layout import ParallelLayout
 from internevo.parallel.zero import plan_buckets
 

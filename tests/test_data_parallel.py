@@ -22,11 +22,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from oracles import analytic_step_bytes
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from internevo.config import TrainConfig, config_from_dict
 from internevo.data.loader import build_train_loader
-from internevo.parallel.comm import Comm, analytic_step_bytes
+from internevo.parallel.comm import Comm
 from internevo.parallel.layout import ParallelLayout
 from internevo.parallel.spawn import spawn_ranks
 from internevo.parallel.zero import plan_buckets

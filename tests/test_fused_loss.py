@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from internevo.train.loss import (
+from internevo.models.loss import (
     IGNORE_INDEX,
     fused_linear_cross_entropy,
     fused_lm_loss,

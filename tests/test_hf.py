@@ -7,10 +7,14 @@ from pathlib import Path
 import pytest
 import torch
 
+from internevo import cli
+from internevo.checkpoint import format as ckpt_format
 from internevo.config import config_from_dict, load_config
-from internevo.models import hf
-from internevo.models.registry import build_model
-from internevo.train.loss import lm_loss
+from internevo.convert import hf, hf_config, hf_folder, safetensors_io
+from internevo.convert.hf_config import HFConversionError
+from internevo.models.build import build_model
+from internevo.models.internlm2 import spec as v2spec
+from internevo.models.loss import lm_loss
 
 transformers = pytest.importorskip("transformers")
 ROOT = Path(__file__).resolve().parents[1]
@@ -66,7 +70,7 @@ def test_llama_export_logits_equal_transformers(tmp_path, variant):
     model_type, extra = VARIANTS[variant]
     cfg = tiny_cfg(model_type, **extra)
     model = random_model(cfg)
-    hf.export_hf(model.state_dict(), cfg, tmp_path / "out", None, "llama", torch.float32)
+    hf_folder.export_hf(model.state_dict(), cfg, tmp_path / "out", None, "llama", torch.float32)
     theirs = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "out", dtype=torch.float32)
     ours = logits(model, IDS)
     diff = (ours - logits(theirs.eval(), IDS)).abs().max().item()
@@ -114,13 +118,13 @@ def _published_internlm2_to_llama(sd, config):
 def test_internlm2_export_is_the_published_layout(tmp_path):
     cfg = cfg_of(V2_GQA_INTERLEAVED)
     model = random_model(cfg)
-    hf.export_hf(model.state_dict(), cfg, tmp_path / "out", None, "internlm2", torch.float32)
+    hf_folder.export_hf(model.state_dict(), cfg, tmp_path / "out", None, "internlm2", torch.float32)
     config = json.loads((tmp_path / "out" / "config.json").read_text())
     assert config["architectures"] == ["InternLM2ForCausalLM"]
     assert config["model_type"] == "internlm2"
     assert config["auto_map"]["AutoModelForCausalLM"] == "modeling_internlm2.InternLM2ForCausalLM"
     assert config["bias"] is False and config["rope_scaling"] is None
-    sd = hf.read_safetensors(tmp_path / "out")
+    sd = safetensors_io.read_safetensors(tmp_path / "out")
     assert "model.layers.1.attention.wqkv.weight" in sd and "output.weight" in sd
     llama_config = transformers.LlamaConfig(**{k: v for k, v in config.items() if k in (
         "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "rms_norm_eps",
@@ -147,7 +151,7 @@ def test_import_transformers_llama_loss_equal(tmp_path, bias):
             if name.endswith("bias"):
                 p.normal_(0, 0.1)
     theirs.save_pretrained(tmp_path / "hf")
-    sd, overrides = hf.load_hf(tmp_path / "hf")
+    sd, overrides = hf_folder.load_hf(tmp_path / "hf")
     overrides["model"].update(dtype="torch.float32", use_flash_attn=False)
     cfg = config_from_dict(overrides)
     assert cfg.model_type == ("INTERNLM" if bias else "INTERNLM2_PUBLIC")
@@ -160,20 +164,20 @@ def test_import_transformers_llama_loss_equal(tmp_path, bias):
     assert abs(got.item() - expected.item()) <= 1e-5, (got, expected)
 
 
-@pytest.mark.parametrize("fmt", hf.FORMATS)
+@pytest.mark.parametrize("fmt", hf_config.FORMATS)
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_state_dict_round_trip_is_identity(fmt, variant):
     model_type, extra = VARIANTS[variant]
     if model_type == "INTERNLM" and fmt == "internlm2":
-        with pytest.raises(hf.HFConversionError, match="internlm2"):
+        with pytest.raises(HFConversionError, match="internlm2"):
             hf.to_hf_state_dict({}, tiny_cfg(model_type, **extra), fmt)
         return
     cfg = tiny_cfg(model_type, **extra)
     sd = random_model(cfg).state_dict()
-    config = hf.hf_config_dict(cfg, fmt, dtype=torch.float32)
+    config = hf_config.hf_config_dict(cfg, fmt, dtype=torch.float32)
     back, overrides = hf.from_hf_state_dict(hf.to_hf_state_dict(sd, cfg, fmt), config, fmt)
     if not cfg.model.adapt_hf:
-        back = hf.reorder_qk(back, cfg, to_half_split=False)
+        back = v2spec.reorder_qk(back, cfg, to_half_split=False)
     assert back.keys() == sd.keys()
     assert all(torch.equal(back[k], sd[k]) for k in sd)
     for key in ("num_layers", "hidden_size", "vocab_size", "rope_base", "use_dynamic_ntk_rope"):
@@ -184,15 +188,15 @@ def test_rope_settings_of_published_configs(caplog):
     base = dict(hidden_size=64, num_attention_heads=4, num_hidden_layers=1, vocab_size=128,
                 intermediate_size=96, max_position_embeddings=32768)
     internlm2 = {**base, "rope_theta": 1e6, "rope_scaling": {"type": "dynamic", "factor": 2.0}}
-    model = hf.model_overrides_from_hf(internlm2, "internlm2")["model"]
+    model = hf_config.model_overrides_from_hf(internlm2, "internlm2")["model"]
     assert (model["rope_base"], model["use_dynamic_ntk_rope"]) == (1e6, True)
     assert "factor 2.0 is read as 1.0" in caplog.text  # same model up to 32768 positions
     internlm_v1 = {**base, "bias": True, "rotary": {"base": 10000, "type": "origin"}}
-    overrides = hf.model_overrides_from_hf(internlm_v1, "llama")
+    overrides = hf_config.model_overrides_from_hf(internlm_v1, "llama")
     assert overrides["model_type"] == "INTERNLM" and not overrides["model"]["use_dynamic_ntk_rope"]
     linear = {**base, "rope_parameters": {"rope_type": "linear", "factor": 4.0, "rope_theta": 1e4}}
-    with pytest.raises(hf.HFConversionError, match="'linear' is not supported"):
-        hf.model_overrides_from_hf(linear, "llama")
+    with pytest.raises(HFConversionError, match="'linear' is not supported"):
+        hf_config.model_overrides_from_hf(linear, "llama")
 
 
 # ------------------------------------------------------------------------------- command line
@@ -203,7 +207,7 @@ def write_checkpoint(tmp_path, body):
     (tmp_path / "run.py").write_text(body)
     cfg = load_config(tmp_path / "run.py")
     sd = random_model(cfg).state_dict()
-    hf.save_model_state(tmp_path / "ckpt", sd, cfg)
+    ckpt_format.save_model_state(tmp_path / "ckpt", sd, cfg)
     return sd
 
 
@@ -213,7 +217,7 @@ def test_cli_round_trip_with_tokenizer(tmp_path):
         "model = dict(num_layers=1, hidden_size=16, num_attention_heads=2, "
         "num_kv_attention_heads=1, vocab_size=92544, adapt_hf=False, dtype='torch.float32')\n"))
     out, back = tmp_path / "hf", tmp_path / "back"
-    assert hf.convert_main(["to-hf", "--src", str(tmp_path / "ckpt"), "--tgt", str(out),
+    assert cli.convert_main(["to-hf", "--src", str(tmp_path / "ckpt"), "--tgt", str(out),
                             "--tokenizer", str(TOK2), "--max_shard", "2MB",
                             "--dtype", "float32"]) == 0
     index = json.loads((out / "model.safetensors.index.json").read_text())
@@ -228,13 +232,13 @@ def test_cli_round_trip_with_tokenizer(tmp_path):
     sp = spm.SentencePieceProcessor(model_file=str(TOK2))
     text = "Hello world, 你好\n  two spaces"
     assert tokenizer(text)["input_ids"] == [1] + sp.encode(text)
-    assert hf.convert_main(["from-hf", "--src", str(out), "--tgt", str(back), "--adapt_hf",
+    assert cli.convert_main(["from-hf", "--src", str(out), "--tgt", str(back), "--adapt_hf",
                             "false"]) == 0
-    loaded, cfg = hf.load_model_state_for_export(back)
+    loaded, cfg = hf_folder.load_model_state_for_export(back)
     assert cfg.model_type == "INTERNLM2_PUBLIC" and cfg.model.adapt_hf is False
     assert loaded.keys() == sd.keys() and all(torch.equal(loaded[k], sd[k]) for k in sd)
-    defaults = hf.build_parser().parse_args(["to-hf", "--src", "a", "--tgt", "b", "--tokenizer",
-                                             "c"])
+    defaults = cli.build_convert_parser().parse_args(["to-hf", "--src", "a", "--tgt", "b",
+                                                      "--tokenizer", "c"])
     assert (defaults.dtype, defaults.format, defaults.max_shard) == (torch.bfloat16, "llama",
                                                                      10**10)
 
@@ -246,7 +250,7 @@ def test_cli_round_trip_with_tokenizer(tmp_path):
 def good_export(tmp_path_factory):
     folder = tmp_path_factory.mktemp("good") / "hf"
     cfg = cfg_of(V2_GQA)
-    hf.export_hf(random_model(cfg).state_dict(), cfg, folder, None, "llama", torch.float32,
+    hf_folder.export_hf(random_model(cfg).state_dict(), cfg, folder, None, "llama", torch.float32,
                  max_shard_bytes=60_000)
     return folder
 
@@ -268,50 +272,51 @@ def test_missing_tensor_is_named(good_export, tmp_path):
     tensors = load_file(shard)
     del tensors[key]
     save_file(tensors, shard)
-    with pytest.raises(hf.HFConversionError, match=f"{shard.name}.*{key}"):
-        hf.load_hf(folder)
+    with pytest.raises(HFConversionError, match=f"{shard.name}.*{key}"):
+        hf_folder.load_hf(folder)
     del index["weight_map"][key]  # consistent index: the model itself lacks the tensor
     (folder / "model.safetensors.index.json").write_text(json.dumps(index))
-    with pytest.raises(hf.HFConversionError, match=f"tensor '{key}' is missing"):
-        hf.load_hf(folder)
+    with pytest.raises(HFConversionError, match=f"tensor '{key}' is missing"):
+        hf_folder.load_hf(folder)
 
 
 def test_missing_shard_and_pickle_only(good_export, tmp_path):
     folder = broken_copy(good_export, tmp_path)
     shard = sorted(folder.glob("*.safetensors"))[-1]
     shard.unlink()
-    with pytest.raises(hf.HFConversionError, match=f"{shard.name}: missing"):
-        hf.load_hf(folder)
+    with pytest.raises(HFConversionError, match=f"{shard.name}: missing"):
+        hf_folder.load_hf(folder)
     for f in folder.glob("model*"):
         f.unlink()
     (folder / "pytorch_model.bin").write_bytes(b"not read")
-    with pytest.raises(hf.HFConversionError, match="pickle"):
-        hf.load_hf(folder)
+    with pytest.raises(HFConversionError, match="pickle"):
+        hf_folder.load_hf(folder)
 
 
 def test_mismatched_config_is_named_and_target_untouched(good_export, tmp_path):
     folder = broken_copy(good_export, tmp_path)
     config = json.loads((folder / "config.json").read_text())
     (folder / "config.json").write_text(json.dumps({**config, "num_key_value_heads": 4}))
-    with pytest.raises(hf.HFConversionError, match="k_proj.weight' has shape"):
-        hf.load_hf(folder)
+    with pytest.raises(HFConversionError, match="k_proj.weight' has shape"):
+        hf_folder.load_hf(folder)
     target = tmp_path / "ckpt"
     target.mkdir()
     (target / "keep.txt").write_text("good")
     for extra in ([], ["--overwrite"]):
-        assert hf.convert_main(["from-hf", "--src", str(folder), "--tgt", str(target), *extra]) == 2
+        args = ["from-hf", "--src", str(folder), "--tgt", str(target), *extra]
+        assert cli.convert_main(args) == 2
         assert [p.name for p in target.iterdir()] == ["keep.txt"]
-    assert hf.convert_main(["from-hf", "--src", str(good_export), "--tgt", str(target)]) == 2
+    assert cli.convert_main(["from-hf", "--src", str(good_export), "--tgt", str(target)]) == 2
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
 
 
 def test_training_load_checks_the_run_config(good_export):
     cfg = cfg_of(V2_GQA_INTERLEAVED)
-    sd = hf.load_hf_for_training(good_export, cfg)
+    sd = hf_folder.load_hf_for_training(good_export, cfg)
     model = build_model(cfg).eval()
     model.load_state_dict(sd)
     reference = build_model(cfg_of(V2_GQA)).eval()
-    reference.load_state_dict(hf.load_hf(good_export)[0])
+    reference.load_state_dict(hf_folder.load_hf(good_export)[0])
     assert (logits(model, IDS) - logits(reference, IDS)).abs().max() <= 1e-5
-    with pytest.raises(hf.HFConversionError, match="vocab_size=128 but the run's model.vocab_size"):
-        hf.load_hf_for_training(good_export, cfg_of(V2_GQA, vocab_size=256))
+    with pytest.raises(HFConversionError, match="vocab_size=128 but the run's model.vocab_size"):
+        hf_folder.load_hf_for_training(good_export, cfg_of(V2_GQA, vocab_size=256))

@@ -8,8 +8,8 @@ import torch
 from internevo.config import config_from_dict
 from internevo.parallel.comm import Comm
 from internevo.parallel.layout import ParallelLayout
+from internevo.parallel.scaler import LossScaler
 from internevo.parallel.zero import HybridZeroOptimizer
-from internevo.train.schedules import LossScaler
 
 
 def setup(clip=0.0, dtype="torch.float32", wd=0.1):

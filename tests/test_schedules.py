@@ -4,7 +4,8 @@ import math
 
 import pytest
 
-from internevo.train.schedules import LossScaler, beta2_at, warmup_cosine_lr
+from internevo.parallel.scaler import LossScaler
+from internevo.train.schedules import beta2_at, warmup_cosine_lr
 
 
 def test_warmup_matches_spec_example():

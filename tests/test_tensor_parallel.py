@@ -5,7 +5,7 @@ this machine).  Each case builds the model with the same seed as the single-proc
 (initialisation is layout-independent), runs one packed row forward and backward, and returns
 the full logits, the loss and every gradient gathered to full shape; the test compares them with
 the reference (fp32, relative error <= 1e-5).  The same spawn measures, per block, the counted
-collectives (against :func:`~internevo.parallel.tensor.expected_block_collectives`) and the bytes
+collectives (against :func:`oracles.expected_block_collectives`) and the bytes
 saved for backward.  The 4-rank spawn trains dp=2 x tp=2 with the trainer for 10 steps and saves
 a checkpoint that one process then loads.
 """
@@ -18,19 +18,15 @@ from pathlib import Path
 
 import pytest
 import torch
+from oracles import expected_block_collectives, saved_activation_bytes
 
 from internevo.config import ConfigError, TrainConfig, config_from_dict
-from internevo.models.registry import build_model
+from internevo.models.build import build_model
+from internevo.models.loss import lm_loss
 from internevo.parallel.comm import Comm
 from internevo.parallel.layout import ParallelLayout
 from internevo.parallel.spawn import spawn_ranks
-from internevo.parallel.tensor import (
-    apply_tensor_parallel,
-    expected_block_collectives,
-    saved_activation_bytes,
-    vocab_parallel_lm_loss,
-)
-from internevo.train.loss import lm_loss
+from internevo.parallel.tensor import apply_tensor_parallel, vocab_parallel_lm_loss
 
 SEQ, VOCAB, SEED = 16, 64, 7
 CU = [0, 5, 11, 16]
@@ -259,7 +255,7 @@ def test_dp2_tp2_training_equals_single_process(four_rank, tmp_path, model_type,
 
 
 def test_tp2_checkpoint_loads_into_one_process(four_rank, tmp_path) -> None:
-    from internevo.train.checkpoint import parse_load_info
+    from internevo.checkpoint.manager import parse_load_info
     from internevo.train.trainer import Trainer
 
     results, save_root = four_rank

@@ -9,10 +9,10 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from internevo.config import config_from_dict
-from internevo.models.registry import build_model
+from internevo.models.build import build_model
+from internevo.models.loss import lm_loss
 from internevo.parallel.comm import Comm
 from internevo.parallel.layout import ParallelLayout
-from internevo.train.loss import lm_loss
 from internevo.train.metrics import step_flops
 from internevo.train.trainer import Trainer
 

@@ -14,14 +14,14 @@ import torch
 from torch import nn
 
 from internevo.config import TrainConfig
-from internevo.models.registry import apply_activation_checkpointing, build_model
+from internevo.models.build import apply_activation_checkpointing, build_model
+from internevo.models.loss import lm_loss
 from internevo.parallel.comm import Comm
 from internevo.parallel.fsdp import FSDPOptimizer, shard_model
 from internevo.parallel.layout import ParallelLayout
+from internevo.parallel.scaler import LossScaler
 from internevo.parallel.tensor import VocabParallelLoss, apply_tensor_parallel
 from internevo.parallel.zero import HybridZeroOptimizer, ShardedAdamW
-from internevo.train.loss import lm_loss
-from internevo.train.schedules import LossScaler
 
 
 def parallelize(cfg: TrainConfig, layout: ParallelLayout, comm: Comm, device: torch.device,

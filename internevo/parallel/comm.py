@@ -14,7 +14,6 @@ that name); see ``parallel/fsdp.py``.  The bytes per step of every mode: docs/pa
 
 from __future__ import annotations
 
-import math
 from collections import defaultdict
 from typing import Any, Optional, Union
 
@@ -168,64 +167,3 @@ class Comm:
         """Barrier over the world (not counted: no payload)."""
         if self._group("world") is not None:
             dist.barrier()
-
-
-# --------------------------------------------------------------------------------------------
-# analytic volumes (docs/parallel.md derives them; tests compare them with the counts)
-
-
-def analytic_step_bytes(cfg: Any, layout: ParallelLayout, shapes: dict[str, tuple[int, ...]],
-                        blocks: list[str], micro_num: int) -> dict[str, int]:
-    """Payload bytes per successful training step, as ``{"comm/<kind>/<group>/bytes": n}``.
-
-    ``shapes`` maps parameter names to full (tensor-parallel-local) shapes, ``blocks`` the module
-    names of the transformer blocks (FSDP's units; the root owns the rest).  Assumes every
-    parameter is in the model dtype and tensor = pipeline = 1 for FSDP.
-    """
-    from internevo.models.registry import model_dtype
-
-    g = torch.empty(0, dtype=model_dtype(cfg)).element_size()
-    zo, replicas = layout.zero1, layout.data // layout.zero1
-    if layout.fsdp:
-        volumes = _fsdp_volumes(shapes, blocks, zo, micro_num, g)
-    else:
-        volumes = _zero_volumes(cfg, shapes, zo, g)
-    out = {}
-    for (kind, group), n in volumes.items():
-        size = {"zero1": zo, "zero1_replica": replicas}.get(group, 0)
-        if n and size > 1:
-            out[f"comm/{kind}/{group}/bytes"] = n
-    out["comm/all_reduce/zero1/bytes"] = 8 if zo > 1 else 0  # fp64 squared gradient norm
-    if layout.tensor > 1:
-        out["comm/all_reduce/tensor/bytes"] = 8
-    if layout.data > 1:
-        out["comm/all_reduce/data/bytes"] = 8  # the logged loss (fp64)
-    return {k: v for k, v in sorted(out.items()) if v}
-
-
-def _zero_volumes(cfg: Any, shapes: dict[str, tuple[int, ...]], zo: int,
-                  g: int) -> dict[tuple[str, str], int]:
-    """ZeRO-1.5: reduce-scatter + all-gather of padded buckets, replica all-reduce of a shard."""
-    from internevo.parallel.zero import plan_buckets
-
-    numels = [math.prod(s) for s in shapes.values()]
-    padded = sum(b.shard * zo for b in plan_buckets(
-        numels, cfg.hybrid_zero_optimizer.reduce_bucket_size, zo))
-    return {("reduce_scatter", "zero1"): padded * g, ("all_gather", "zero1"): padded * g,
-            ("all_reduce", "zero1_replica"): padded // zo * g}
-
-
-def _fsdp_volumes(shapes: dict[str, tuple[int, ...]], blocks: list[str], zo: int,
-                  micro_num: int, g: int) -> dict[tuple[str, str], int]:
-    """FSDP2: per micro-batch all units gathered in forward, blocks again in backward; fp32
-    gradients reduce-scattered (and all-reduced across replicas) once, in the last backward."""
-    def padded(name: str) -> int:  # FSDP2 pads dim 0 to a multiple of the shard-group size
-        shape = shapes[name]
-        return math.ceil(shape[0] / zo) * zo * math.prod(shape[1:])
-
-    in_block = [n for n in shapes if any(n.startswith(b + ".") for b in blocks)]
-    block_elems = sum(padded(n) for n in in_block)
-    all_elems = sum(padded(n) for n in shapes)
-    return {("all_gather", "zero1"): micro_num * (all_elems + block_elems) * g,
-            ("reduce_scatter", "zero1"): all_elems * 4,
-            ("all_reduce", "zero1_replica"): all_elems // zo * 4}

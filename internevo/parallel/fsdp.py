@@ -34,13 +34,13 @@ from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.distributed.fsdp._fully_shard._fsdp_api import AllGather, ReduceScatter
 
 from internevo.config import TrainConfig
+from internevo.models.build import model_dtype
+from internevo.models.common import RMSNorm
 from internevo.models.init import init_weights
-from internevo.models.layers import RMSNorm
-from internevo.models.registry import model_dtype
 from internevo.parallel.comm import Comm
 from internevo.parallel.layout import ParallelLayout
+from internevo.parallel.scaler import LossScaler
 from internevo.parallel.zero import ShardedAdamW, local_tensor
-from internevo.train.schedules import LossScaler
 
 # ------------------------------------------------------------------------------------------
 # FSDP2's collectives, issued through Comm

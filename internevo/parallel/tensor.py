@@ -37,10 +37,11 @@ from torch import Tensor, nn
 from torch.autograd import Function
 
 from internevo.config import ConfigError, TrainConfig
-from internevo.models.layers import RMSNorm
+from internevo.models.common import RMSNorm, ffn_hidden
+from internevo.models.loss import IGNORE_INDEX
+from internevo.models.registry import get_spec
 from internevo.parallel.comm import Comm
 from internevo.parallel.layout import ParallelLayout
-from internevo.train.loss import IGNORE_INDEX
 
 GROUP = "tensor"
 SEQ_DIM = 1  # activations are [B, S, h]; sequence parallel splits S (B == 1 when packed)
@@ -335,36 +336,11 @@ class ParallelHead(ColumnParallelLinear):
 
 
 # ------------------------------------------------------------------------------------------
-# the plan: which module of which model gets which treatment
-
-
-@dataclass(frozen=True)
-class TPPlan:
-    """Module names (inside each block, or at the top) and how each is parallelised."""
-
-    embedding: str
-    head: str
-    regions: dict[str, tuple[tuple[str, ...], tuple[str, ...]]]
-    """Region (inside a block) -> (column-parallel linears, row-parallel linears)."""
-    fused_qkv: tuple[str, ...] = ()
-    """Column linears whose rows are ``[Q; K; V]`` blocks (InternLM v1): sharded per block."""
-
-
-PLANS = {
-    "INTERNLM2_PUBLIC": TPPlan(
-        embedding="tok_embeddings", head="output",
-        regions={"attention": (("wqkv",), ("wo",)), "feed_forward": (("w1", "w3"), ("w2",))}),
-    "INTERNLM": TPPlan(
-        embedding="embedding", head="head",
-        regions={"mixer": (("Wqkv",), ("out_proj",)), "mlp": (("w1", "w3"), ("w2",))},
-        fused_qkv=("Wqkv",)),
-}
+# applying the model's plan (``spec.tp_plan``): which module gets which treatment
 
 
 def check_tensor_shapes(cfg: TrainConfig, tp: int) -> None:
     """Reject shapes the tensor split cannot cut exactly (vocabulary and FFN width)."""
-    from internevo.models.layers import ffn_hidden
-
     if tp == 1:
         return
     m = cfg.model
@@ -387,7 +363,7 @@ def apply_tensor_parallel(model: nn.Module, cfg: TrainConfig, layout: ParallelLa
     if layout.tensor_mode not in ("mtp", "msp", "fsp"):
         raise ConfigError(f"parallel.tensor.mode={layout.tensor_mode!r} is not implemented here")
     check_tensor_shapes(cfg, layout.tensor)
-    plan = PLANS[cfg.model_type]
+    plan = get_spec(cfg.model_type).tp_plan
     tp = TPContext(comm, layout.tensor_mode, layout.device_mesh(device_type)["tensor"])
     for block in model.transformer_blocks():
         for region, (columns, rows) in plan.regions.items():
@@ -492,7 +468,7 @@ def vocab_parallel_lm_loss(logits: Tensor, labels: Tensor, comm: Comm,
                            label_smoothing: float = 0.0) -> Tensor:
     """Token-mean cross entropy of vocab-sharded ``logits [..., V/tp]`` (this rank's slice
     ``[r V/tp, (r+1) V/tp)``) against global ``labels`` — equal to
-    :func:`~internevo.train.loss.lm_loss` on the full logits.
+    :func:`~internevo.models.loss.lm_loss` on the full logits.
 
     Forward: one MAX all-reduce (row maxima) and one SUM all-reduce of ``[N, 3]`` (sum of exp,
     target logit, sum of logits for smoothing).  The sums are reduced with an all-reduce whose
@@ -522,7 +498,7 @@ def vocab_parallel_lm_loss(logits: Tensor, labels: Tensor, comm: Comm,
 @torch.no_grad()
 def vocab_parallel_token_stats(logits: Tensor, labels: Tensor, type_ids: Tensor, num_types: int,
                                comm: Comm) -> dict[str, Tensor]:
-    """:func:`~internevo.train.loss.token_stats` for vocab-sharded logits, without gathering
+    """:func:`~internevo.models.loss.token_stats` for vocab-sharded logits, without gathering
     them: MAX all-reduce of row maxima, SUM of ``[N, 2]`` (sum of exp, target logit), MIN of the
     first index attaining the maximum (argmax ties resolved as ``torch.argmax`` does)."""
     z = _local_logits(logits).reshape(-1, _local_logits(logits).shape[-1]).float()
@@ -561,49 +537,3 @@ class VocabParallelLoss:
                     num_types: int) -> dict[str, Tensor]:
         """Per-type metric sums (see :func:`vocab_parallel_token_stats`)."""
         return vocab_parallel_token_stats(logits, labels, type_ids, num_types, self.comm)
-
-
-# ------------------------------------------------------------------------------------------
-# documented per-layer collectives and measured saved activations
-
-
-def expected_block_collectives(cfg: TrainConfig, mode: str, tokens: int,
-                               tp: int) -> dict[tuple[str, str], tuple[int, int]]:
-    """``{(kind, "tensor"): (calls, payload bytes)}`` of one block's forward + backward on a row
-    of ``tokens`` tokens (the table of docs/architecture.md)."""
-    if tp == 1:
-        return {}
-    from internevo.models.registry import model_dtype
-
-    h = cfg.model.hidden_size
-    act = tokens * h * torch.empty(0, dtype=model_dtype(cfg)).element_size()
-    if mode == "mtp":
-        return {("all_reduce", GROUP): (4, 4 * act)}
-    norm_bytes = h * (4 if cfg.use_fp32_norm else act // (tokens * h))
-    bias_bytes = act // tokens if cfg.model_type == "INTERNLM" else 0  # v1 out_proj bias
-    gathers = 4 if mode == "msp" else 7
-    return {("all_gather", GROUP): (gathers, gathers * act),
-            ("reduce_scatter", GROUP): (4, 4 * act),
-            ("all_reduce", GROUP): (2 + (bias_bytes > 0), 2 * norm_bytes + bias_bytes)}
-
-
-def saved_activation_bytes(model: nn.Module, ids: Tensor, cu_seqlens: Any,
-                           indexes: Optional[Tensor], block: int = 0) -> int:
-    """Bytes of the distinct storages block ``block`` saves for backward on this rank (its
-    parameters excluded), for one row: the activation memory a layer holds between forward and
-    backward."""
-    params = {_local(p).untyped_storage().data_ptr() for p in model.parameters()}
-    x = model.get_submodule(model.embedding_attr)(ids).detach().requires_grad_()
-    ctx = model.forward_context(x, cu_seqlens, indexes)
-    seen: dict[int, int] = {}
-
-    def pack(t: Tensor) -> Tensor:
-        storage = t.untyped_storage()
-        if storage.data_ptr() not in params:
-            seen[storage.data_ptr()] = storage.nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        out = model.transformer_blocks()[block](x, ctx)
-    del out
-    return sum(seen.values())

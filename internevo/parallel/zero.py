@@ -47,7 +47,7 @@ from torch import nn
 from internevo.config import TrainConfig
 from internevo.parallel.comm import Comm
 from internevo.parallel.layout import ParallelLayout
-from internevo.train.schedules import LossScaler
+from internevo.parallel.scaler import LossScaler
 
 try:
     from torch.distributed.tensor import DTensor

@@ -11,11 +11,12 @@ from typing import Any, Optional
 import torch
 
 from internevo.config import TrainConfig
+from internevo.models.loss import fused_lm_loss, token_stats
 from internevo.parallel.comm import Comm
 from internevo.parallel.layout import ParallelLayout
-from internevo.train.loss import fused_lm_loss, token_stats
+from internevo.parallel.scaler import LossScaler
 from internevo.train.metrics import MetricsWriter, device_peak_flops, step_flops
-from internevo.train.schedules import LossScaler, Schedules
+from internevo.train.schedules import Schedules
 
 
 @dataclass
@@ -54,10 +55,10 @@ class Trainer:
 
     def __init__(self, cfg: TrainConfig, layout: ParallelLayout, comm: Comm,
                  device: torch.device, run_dir: Path, seed: int = 1024):
+        from internevo.checkpoint.manager import CheckpointManager
         from internevo.data.loader import build_train_loader, build_valid_loaders
         from internevo.data.sampler import parse_skip_batches
         from internevo.parallel.apply import build_loss, build_optimizer, parallelize
-        from internevo.train.checkpoint import CheckpointManager
 
         self.cfg, self.layout, self.comm, self.device = cfg, layout, comm, device
         self.run_dir, self.seed = Path(run_dir), seed

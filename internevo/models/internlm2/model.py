@@ -10,7 +10,7 @@ from __future__ import annotations
 from torch import Tensor, nn
 
 from internevo.config import ModelConfig
-from internevo.models.layers import (
+from internevo.models.common import (
     Block,
     CausalLM,
     ForwardContext,
@@ -70,7 +70,6 @@ class InternLM2Block(Block):
         self.attention_norm = RMSNorm(h, m.layer_norm_epsilon)
         self.ffn_norm = RMSNorm(h, m.layer_norm_epsilon)
         self.feed_forward = SwiGLU(h, ffn_hidden(h, m.mlp_ratio, m.multiple_of))
-
 
 
 class InternLM2(CausalLM):

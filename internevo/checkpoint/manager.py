@@ -1,35 +1,21 @@
-"""Checkpoints with ``torch.distributed.checkpoint`` (DCP): cadence, resume, stop file, loading.
+"""Checkpoint manager: cadence, resume, stop file, (asynchronous) DCP saves and loading.
 
-One checkpoint is one folder ``<save_ckpt_folder>/<step>/`` (``step`` = successful updates)::
-
-    .metadata  __<r>_0.distcp    DCP: ``model.<name>`` and ``optimizer.params.<name>.<key>`` tensors
-    meta.json                    format, step, train state, schedules, optimizer scalars, layout
-    model_config.json            the run's ``model`` section
-    config.py                    the run's config file
-    loader/dp<d>.pt              data-loader state of data-parallel rank ``d``
-    rng/rank<r>.pt               Python / NumPy / torch (/ CUDA) RNG states of global rank ``r``
-    manifest.json                size of every file above (truncation check on load)
-    <step>.step                  completion marker, written last
-
-It is written as ``.tmp-<step>/`` and renamed to ``<step>/`` only once the marker is inside, so a
-numbered folder is complete by construction; auto-resume still requires the marker and loading
-checks the manifest.  Tensors are saved per parameter with their global shapes (DTensors under
-tensor parallelism / FSDP), so DCP can load them into a different parallel layout; InternLM v1's
-fused ``Wqkv`` is saved as ``[3, H*d, h]`` (bias ``[3, H*d]``) at every tensor size
-(:func:`checkpoint_layout`).  See ``docs/checkpoints.md``.
+The manager saves and loads a ``dict[str, Stateful]`` of the run's parts (``model``,
+``optimizer``, ``schedules``, ``train_state``, ``loader``) in the folder format of
+:mod:`internevo.checkpoint.format` (see ``docs/checkpoints.md``).  Tensors are saved per parameter
+with their global shapes (DTensors under tensor parallelism / FSDP), so DCP can load them into a
+different parallel layout; model-specific checkpoint shapes come from the model's spec
+(:func:`checkpoint_layout`).
 """
 
 from __future__ import annotations
 
-import json
 import logging
-import os
 import random
-import re
 import shutil
 import time
 import warnings
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -40,9 +26,36 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import nn
-from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
-from internevo.models.internlm import qkv_checkpoint_shape, qkv_to_checkpoint
+from internevo.checkpoint.format import (
+    CONFIG_FILE,
+    DCP_METADATA,
+    FORMAT,
+    FORMAT_VERSION,
+    META_FILE,
+    MODEL_CONFIG_FILE,
+    TMP_PREFIX,
+    TRASH_PREFIX,
+    CheckpointError,
+    check_tensors,
+    complete_checkpoints,
+    config_text,
+    finalize,
+    latest_checkpoint,
+    load_torch,
+    local_path,
+    marker_step,
+    meta_field,
+    remove_checkpoint,
+    save_torch,
+    saved_shapes,
+    to_checkpoint_shape,
+    verify_checkpoint,
+    write_bytes,
+    write_json,
+)
+from internevo.models.base import ModelSpec
+from internevo.models.registry import get_spec
 
 try:
     from torch.distributed.tensor import DTensor, distribute_tensor
@@ -55,24 +68,12 @@ log = logging.getLogger(__name__)
 warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or "
                         "uninitialized", category=UserWarning)
 
-FORMAT, FORMAT_VERSION = "internevo-dcp", 1
-META_FILE = "meta.json"
-MANIFEST_FILE = "manifest.json"
-CONFIG_FILE = "config.py"
-MODEL_CONFIG_FILE = "model_config.json"
-DCP_METADATA = ".metadata"
-TMP_PREFIX, TRASH_PREFIX = ".tmp-", ".trash-"
 PARTS = ("model", "optimizer", "scheduler", "sampler", "train_state", "rng")
 """What a checkpoint restores; ``content="all"`` is every part."""
 _CONTENT = {"model": ("model",), "optimizer": ("optimizer",), "scheduler": ("scheduler",),
             "sampler": ("sampler",), "all": PARTS}
 _CKPT_TYPES = {"internevo": "internevo", "internlm": "internevo", "hf": "hf", "hf_llama": "hf"}
 _LOAD_INFO_KEYS = ("path", "content", "ckpt_type")
-_BACKEND = re.compile(r"^([A-Za-z][A-Za-z0-9_]+):")
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint cannot be written or read; the message names the file, tensor or config key."""
 
 
 @dataclass(frozen=True)
@@ -87,44 +88,6 @@ class LoadRequest:
     """``internevo`` (our DCP folders) or ``hf`` (a Hugging Face folder)."""
     source: str = "ckpt.load_ckpt_info"
     """Where the request came from (named in errors)."""
-
-
-# ------------------------------------------------------------------------------------ paths
-
-
-def local_path(path: str, key: str) -> Path:
-    """``path`` without a ``local:`` prefix; object-store backends are refused (naming ``key``)."""
-    text = str(path)
-    match = _BACKEND.match(text)
-    if match:
-        if match.group(1) != "local":
-            raise CheckpointError(f"{key}: storage backend {match.group(1)!r} of {text!r} is not "
-                                  "supported; use a local path (optionally 'local:<path>')")
-        text = text[len("local:"):]
-    return Path(text).expanduser()
-
-
-def marker_step(folder: Path) -> Optional[int]:
-    """The step named by the completion marker ``<step>.step`` inside ``folder`` (None: none)."""
-    if not folder.is_dir():
-        return None
-    steps = [int(p.stem) for p in folder.glob("*.step") if p.stem.isdigit() and p.is_file()]
-    return max(steps) if steps else None
-
-
-def complete_checkpoints(save_folder: Path) -> list[tuple[int, Path]]:
-    """``(step, folder)`` of every complete checkpoint in ``save_folder``, oldest first."""
-    if not save_folder.is_dir():
-        return []
-    found = [(int(c.name), c) for c in save_folder.iterdir()
-             if c.name.isdigit() and marker_step(c) == int(c.name)]
-    return sorted(found)
-
-
-def latest_checkpoint(save_folder: Path) -> Optional[Path]:
-    """The newest complete checkpoint (by step) in ``save_folder``; incomplete ones never count."""
-    found = complete_checkpoints(save_folder)
-    return found[-1][1] if found else None
 
 
 # ------------------------------------------------------------------------------ load requests
@@ -170,156 +133,6 @@ def parse_load_info(info: Any, key: str = "ckpt.load_ckpt_info") -> LoadRequest:
     return LoadRequest(local_path(info["path"], f"{key}.path"), parts, ckpt_type, key)
 
 
-# ------------------------------------------------------------------------------ small files
-
-
-def _write_bytes(path: Path, data: bytes) -> None:
-    """Write and fsync: the marker must never reach the disk before the files it vouches for."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-
-
-def _write_json(path: Path, obj: Any) -> None:
-    _write_bytes(path, json.dumps(obj, indent=1).encode())
-
-
-def _save_torch(path: Path, obj: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save(obj, path)
-
-
-def _read_json(path: Path) -> dict:
-    if not path.is_file():
-        raise CheckpointError(f"{path}: missing from the checkpoint")
-    try:
-        return json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise CheckpointError(f"{path}: unreadable ({err}); the checkpoint is corrupted") from None
-
-
-def _load_torch(path: Path) -> Any:
-    if not path.is_file():
-        raise CheckpointError(f"{path}: missing from the checkpoint")
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:
-        raise CheckpointError(f"{path}: unreadable ({err}); the checkpoint is corrupted") from None
-
-
-def _meta_field(meta: dict, key: str, folder: Path) -> Any:
-    if key not in meta:
-        raise CheckpointError(f"{folder / META_FILE}: has no {key!r} entry")
-    return meta[key]
-
-
-# ---------------------------------------------------------------------- completion and checks
-
-
-def write_manifest(folder: Path) -> None:
-    """Record the size of every file in ``folder`` (checked on load)."""
-    files = {p.relative_to(folder).as_posix(): p.stat().st_size
-             for p in sorted(folder.rglob("*")) if p.is_file()}
-    _write_json(folder / MANIFEST_FILE, {"files": files})
-
-
-def finalize(tmp: Path, save_folder: Path, step: int) -> Path:
-    """Manifest, marker, then the atomic rename ``.tmp-<step>`` -> ``<step>`` (rank 0 only)."""
-    write_manifest(tmp)
-    _write_json(tmp / f"{step}.step", {"step": step})
-    final = save_folder / str(step)
-    trash = save_folder / f"{TRASH_PREFIX}{step}"
-    if final.exists():  # the same step saved again (e.g. a run restarted from an older state)
-        shutil.rmtree(trash, ignore_errors=True)
-        final.rename(trash)
-    tmp.rename(final)
-    fd = os.open(save_folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    shutil.rmtree(trash, ignore_errors=True)
-    return final
-
-
-def remove_checkpoint(folder: Path) -> None:
-    """Rename first (one atomic step makes it incomplete), then delete."""
-    trash = folder.with_name(f"{TRASH_PREFIX}{folder.name}")
-    shutil.rmtree(trash, ignore_errors=True)
-    folder.rename(trash)
-    shutil.rmtree(trash, ignore_errors=True)
-
-
-def verify_checkpoint(folder: Path, parts: Iterable[str]) -> Optional[dict]:
-    """``meta.json`` of a complete, untruncated checkpoint; None for a model-only folder.
-
-    Model-only folders (``internevo convert from-hf``: DCP ``model.*`` tensors + ``config.py``,
-    written atomically, no marker) are accepted when only the model is asked for.
-    """
-    step = marker_step(folder)
-    if step is None:
-        if (folder / META_FILE).exists() or folder.name.startswith(TMP_PREFIX):
-            raise CheckpointError(f"{folder}: incomplete checkpoint (no '<step>.step' completion "
-                                  "marker): its save was interrupted; load an earlier one")
-        if not (folder / DCP_METADATA).is_file():
-            raise CheckpointError(f"{folder}: not a checkpoint (no '<step>.step' marker and no "
-                                  f"DCP {DCP_METADATA} file)")
-        if set(parts) != {"model"}:
-            raise CheckpointError(f"{folder}: holds model weights only (no {META_FILE}); load it "
-                                  "with content=('model',)")
-        return None
-    manifest = _read_json(folder / MANIFEST_FILE)
-    for name, size in manifest.get("files", {}).items():
-        path = folder / name
-        if not path.is_file():
-            raise CheckpointError(f"{path}: missing; the checkpoint is incomplete")
-        if path.stat().st_size != size:
-            raise CheckpointError(f"{path}: {path.stat().st_size} bytes but {size} were written; "
-                                  "the checkpoint is truncated or corrupted")
-    meta = _read_json(folder / META_FILE)
-    if meta.get("format") != FORMAT or meta.get("version", 0) > FORMAT_VERSION:
-        raise CheckpointError(f"{folder / META_FILE}: format {meta.get('format')!r} version "
-                              f"{meta.get('version')!r} is not {FORMAT!r} <= {FORMAT_VERSION}")
-    return meta
-
-
-def _config_hint(folder: Path, model_cfg: dict) -> str:
-    """Which model settings differ from the checkpoint's (appended to shape errors)."""
-    path = folder / MODEL_CONFIG_FILE
-    if not path.is_file():
-        return ""
-    saved = json.loads(path.read_text())
-    diffs = [f"{k}={saved[k]!r} (now {model_cfg[k]!r})" for k in model_cfg
-             if k in saved and saved[k] != model_cfg[k]]
-    return f"; the checkpoint's model config differs: {', '.join(diffs[:6])}" if diffs else ""
-
-
-def saved_shapes(folder: Path) -> dict[str, tuple]:
-    """DCP key -> global shape of every tensor in the checkpoint ``folder``."""
-    try:
-        saved = dcp.FileSystemReader(str(folder)).read_metadata().state_dict_metadata
-    except Exception as err:
-        raise CheckpointError(f"{folder / DCP_METADATA}: unreadable DCP metadata ({err})") from None
-    return {k: tuple(m.size) for k, m in saved.items() if isinstance(m, TensorStorageMetadata)}
-
-
-def check_tensors(folder: Path, expected: dict[str, tuple], model_cfg: dict,
-                  saved: Optional[dict[str, tuple]] = None) -> None:
-    """Every expected tensor is in the checkpoint with the same (global) shape (``expected`` in
-    the checkpoint layout: see :func:`checkpoint_layout`)."""
-    saved = saved_shapes(folder) if saved is None else saved
-    for key, shape in expected.items():
-        if key not in saved:
-            raise CheckpointError(f"{folder}: tensor {key!r} is not in the checkpoint"
-                                  f"{_config_hint(folder, model_cfg)}")
-        if saved[key] != tuple(shape):
-            raise CheckpointError(f"{folder}: tensor {key!r} has shape {saved[key]} in the "
-                                  f"checkpoint but {tuple(shape)} in this model"
-                                  f"{_config_hint(folder, model_cfg)}")
-
-
 def _copy_full(target: torch.Tensor, source: torch.Tensor) -> None:
     """Copy the full ``source`` (any shape with ``target``'s global element order) into
     ``target``, taking a DTensor's local shard without communication."""
@@ -331,7 +144,8 @@ def _copy_full(target: torch.Tensor, source: torch.Tensor) -> None:
     target.copy_(source)
 
 
-def copy_full_state(model: nn.Module, state: dict[str, torch.Tensor], where: str) -> None:
+def copy_full_state(model: nn.Module, state: dict[str, torch.Tensor], where: str,
+                    spec: ModelSpec) -> None:
     """Copy full (unsharded) tensors into the model's parameters, sharding DTensors locally.
 
     Shapes are compared in the checkpoint layout, so a single-process ``[3*H*d, h]`` v1 ``Wqkv``
@@ -341,7 +155,7 @@ def copy_full_state(model: nn.Module, state: dict[str, torch.Tensor], where: str
         if name not in state:
             raise CheckpointError(f"{where}: tensor {name!r} is missing")
         got, want = tuple(state[name].shape), tuple(target.shape)
-        if (qkv_checkpoint_shape(name, got) or got) != (qkv_checkpoint_shape(name, want) or want):
+        if (spec.checkpoint_shape(name, got) or got) != (spec.checkpoint_shape(name, want) or want):
             raise CheckpointError(f"{where}: tensor {name!r} has shape {got} but the model's is "
                                   f"{want}")
     extra = sorted(set(state) - set(current))
@@ -352,12 +166,12 @@ def copy_full_state(model: nn.Module, state: dict[str, torch.Tensor], where: str
             _copy_full(target, state[name])
 
 
-def checkpoint_layout(state: dict, saved: Optional[dict[str, tuple]] = None
+def checkpoint_layout(state: dict, spec: ModelSpec, saved: Optional[dict[str, tuple]] = None
                       ) -> tuple[dict, list[tuple[torch.Tensor, torch.Tensor]]]:
     """``{"model": {name: t}, "optimizer": {"params": {name: {key: t}}, ...}}`` (either part
     optional) with every tensor in its checkpoint shape, which does not depend on the layout:
-    InternLM v1's fused ``Wqkv`` is ``[3, H*d, h]`` / ``[3, H*d]``
-    (:func:`~internevo.models.internlm.qkv_to_checkpoint`), everything else keeps its shape.
+    ``spec.checkpoint_shape`` (InternLM v1's fused ``Wqkv`` is ``[3, H*d, h]`` / ``[3, H*d]``,
+    :func:`~internevo.checkpoint.format.to_checkpoint_shape`), everything else keeps its shape.
 
     The tensors are views of the originals, so DCP's in-place load reaches them.  A tensor
     without such a view (an FSDP-sharded ``Wqkv``) is replaced by a full tensor: its value when
@@ -370,17 +184,17 @@ def checkpoint_layout(state: dict, saved: Optional[dict[str, tuple]] = None
 
     def convert(key: str, name: str, t: torch.Tensor) -> torch.Tensor:
         if saved is not None:
-            shape = qkv_checkpoint_shape(name, t.shape)
+            shape = spec.checkpoint_shape(name, tuple(t.shape))
             if shape is not None and saved.get(key) == (shape[0] * shape[1], *shape[2:]):
                 if tuple(t.shape) == saved[key]:  # an old flat v1 checkpoint
                     return t
                 out = torch.empty(saved[key], dtype=t.dtype)
                 copies.append((t, out))
                 return out
-        out = qkv_to_checkpoint(name, t)
+        out = to_checkpoint_shape(spec, name, t)
         if out is not None:
             return out
-        shape = qkv_checkpoint_shape(name, t.shape)
+        shape = spec.checkpoint_shape(name, tuple(t.shape))
         if saved is None:
             return t.full_tensor().view(shape)
         out = torch.empty(shape, dtype=t.dtype)
@@ -483,6 +297,7 @@ class CheckpointManager:
         self.trainer = trainer
         self.cfg = trainer.cfg
         self.layout = trainer.layout
+        self.spec = get_spec(self.cfg.model_type)
         ck = self.cfg.ckpt
         self.save_folder = (local_path(ck.save_ckpt_folder, "ckpt.save_ckpt_folder")
                             if ck.save_ckpt_folder else None)
@@ -616,7 +431,7 @@ class CheckpointManager:
         if not state:
             return
         saved = saved_shapes(folder)
-        disk, copies = checkpoint_layout(state, saved)  # views: loading fills ``state``
+        disk, copies = checkpoint_layout(state, self.spec, saved)  # views: loading fills ``state``
         check_tensors(folder, flat_shapes(disk), asdict(self.cfg.model), saved)
         try:
             dcp.load(disk, storage_reader=dcp.FileSystemReader(str(folder)), **self._dcp_kwargs())
@@ -625,7 +440,7 @@ class CheckpointManager:
                                   f"{_reason(err)}") from err
         copy_back(copies)
         if "optimizer" in parts:
-            plain = merge_tree(opt_plain, _meta_field(meta, "optimizer", folder))
+            plain = merge_tree(opt_plain, meta_field(meta, "optimizer", folder))
             t.optimizer.load_state_dict(merge_tree(state["optimizer"], plain))
             if "model" not in parts:
                 t.optimizer.after_update()  # the masters are the truth: weights follow them
@@ -635,15 +450,15 @@ class CheckpointManager:
     def _load_extras(self, folder: Path, meta: dict, parts: frozenset) -> None:
         t = self.trainer
         if "scheduler" in parts:
-            t.schedules.load_state_dict(_meta_field(meta, "schedules", folder))
+            t.schedules.load_state_dict(meta_field(meta, "schedules", folder))
         if "train_state" in parts:
-            t.state.load_state_dict(_meta_field(meta, "train_state", folder))
+            t.state.load_state_dict(meta_field(meta, "train_state", folder))
         if "sampler" in parts:
-            t.loader.load_state_dict(_load_torch(self._loader_file(folder, meta)))
+            t.loader.load_state_dict(load_torch(self._loader_file(folder, meta)))
         if "rng" in parts:
             path = folder / "rng" / f"rank{self.layout.rank}.pt"
             if path.is_file():
-                set_rng_state(_load_torch(path))
+                set_rng_state(load_torch(path))
             else:
                 log.warning("%s: no RNG state for rank %d (saved with world size %s); "
                             "RNG streams restart from the seed", folder, self.layout.rank,
@@ -658,13 +473,13 @@ class CheckpointManager:
 
     def _load_hf(self, request: LoadRequest) -> None:
         """Weights of a Hugging Face folder (``ckpt_type="hf"``); masters follow the weights."""
-        from internevo.models.hf import load_hf_for_training
+        from internevo.convert.hf_folder import load_hf_for_training
 
         try:
             state = load_hf_for_training(request.path, self.cfg)
         except ValueError as err:  # HFConversionError / ConfigError name the file and the key
             raise CheckpointError(f"{request.source} (ckpt_type='hf'): {err}") from err
-        copy_full_state(self.trainer.model, state, str(request.path))
+        copy_full_state(self.trainer.model, state, str(request.path), self.spec)
         self.trainer.optimizer.refresh_masters_from_params()
 
     # ---------------------------------------------------------------------------- saving
@@ -725,7 +540,7 @@ class CheckpointManager:
         opt_tensors, opt_plain = split_tree(self.trainer.optimizer.state_dict())
         self._write_extras(tmp, step, opt_plain)
         state, _ = checkpoint_layout({"model": self.trainer.model.state_dict(),
-                                      "optimizer": opt_tensors})
+                                      "optimizer": opt_tensors}, self.spec)
         self._saved_batch, self._saved_step = st.batch_count, step
         writer = dcp.FileSystemWriter(str(tmp))
         if self._executor is None:
@@ -749,12 +564,12 @@ class CheckpointManager:
         so they all exist once rank 0's DCP save returns."""
         lay, t = self.layout, self.trainer
         if lay.rank == 0:
-            _write_json(tmp / META_FILE, self._meta(step, opt_plain))
-            _write_json(tmp / MODEL_CONFIG_FILE, asdict(self.cfg.model))
-            _write_bytes(tmp / CONFIG_FILE, self._config_text().encode())
+            write_json(tmp / META_FILE, self._meta(step, opt_plain))
+            write_json(tmp / MODEL_CONFIG_FILE, asdict(self.cfg.model))
+            write_bytes(tmp / CONFIG_FILE, config_text(self.cfg).encode())
         if lay.tp_rank == 0 and lay.pp_rank == 0:  # loader states differ per data rank only
-            _save_torch(tmp / "loader" / f"dp{lay.dp_rank}.pt", t.loader.state_dict())
-        _save_torch(tmp / "rng" / f"rank{lay.rank}.pt", rng_state())
+            save_torch(tmp / "loader" / f"dp{lay.dp_rank}.pt", t.loader.state_dict())
+        save_torch(tmp / "rng" / f"rank{lay.rank}.pt", rng_state())
 
     def _meta(self, step: int, opt_plain: dict) -> dict:
         lay, t = self.layout, self.trainer
@@ -765,13 +580,6 @@ class CheckpointManager:
                            "pipeline": lay.pipeline, "zero1": lay.zero1, "fsdp": lay.fsdp},
                 "train_state": t.state.state_dict(), "schedules": t.schedules.state_dict(),
                 "optimizer": opt_plain}
-
-    def _config_text(self) -> str:
-        if self.cfg.text:
-            return self.cfg.text
-        from internevo.models.hf import config_text  # a loadable file from the model section
-
-        return config_text(self.cfg)
 
     def _run_dcp(self, fn: Callable[[], Any], tmp: Path) -> Any:
         try:

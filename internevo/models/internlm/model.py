@@ -4,17 +4,15 @@ Parameter names are InternEvo's: ``embedding``, ``blocks.{i}.mixer.{Wqkv,out_pro
 ``blocks.{i}.norm1``, ``blocks.{i}.norm2``, ``blocks.{i}.mlp.{w1,w2,w3}``, ``norm``, ``head``.
 
 Checkpoints store the fused ``Wqkv`` weight and bias as ``[3, H*d, h]`` / ``[3, H*d]`` whatever
-the tensor-parallel size (:func:`qkv_to_checkpoint`): the shape tensor parallel holds them in.
+the tensor-parallel size (``spec.qkv_checkpoint_shape``): the shape tensor parallel holds them in.
 """
 
 from __future__ import annotations
 
-from typing import Optional
-
 from torch import Tensor, nn
 
 from internevo.config import ModelConfig
-from internevo.models.layers import (
+from internevo.models.common import (
     Block,
     CausalLM,
     ForwardContext,
@@ -24,41 +22,6 @@ from internevo.models.layers import (
     attend,
     ffn_hidden,
 )
-
-QKV_SUFFIXES = ("mixer.Wqkv.weight", "mixer.Wqkv.bias")
-"""Parameter names (suffixes) of the fused ``[Q; K; V]`` projection."""
-
-
-def qkv_checkpoint_shape(name: str, shape: tuple) -> Optional[tuple]:
-    """The checkpoint shape of tensor ``name`` when it is a fused ``Wqkv`` weight or bias (None
-    otherwise): ``[3, H*d, *rest]`` from either the model's ``[3*H*d, *rest]`` or the tensor-
-    parallel ``[3, H*d, *rest]`` (told apart by the number of dimensions, not by their sizes)."""
-    if not name.endswith(QKV_SUFFIXES):
-        return None
-    shape = tuple(shape)
-    model_ndim = 2 if name.endswith(".weight") else 1
-    return shape if len(shape) == model_ndim + 1 else (3, shape[0] // 3, *shape[1:])
-
-
-def qkv_to_checkpoint(name: str, t: Tensor) -> Optional[Tensor]:
-    """``t`` in its checkpoint shape: itself, or a *view* of it (so a load into the result writes
-    into ``t``); None when no view exists (a ``Wqkv`` DTensor not sharded as tensor parallel
-    shards it, e.g. an FSDP shard: the caller goes through the full tensor)."""
-    shape = qkv_checkpoint_shape(name, t.shape)
-    if shape is None or tuple(t.shape) == shape:
-        return t
-    if hasattr(t, "to_local"):
-        return None
-    return t.view(shape)
-
-
-def qkv_from_checkpoint(name: str, t: Tensor) -> Tensor:
-    """Inverse of :func:`qkv_to_checkpoint` for full tensors: the single-process model's shape
-    (``[3*H*d, *rest]``, a view); tensors of any other name, or already flat, pass through."""
-    shape = qkv_checkpoint_shape(name, t.shape)
-    if shape is None or tuple(t.shape) != shape:
-        return t
-    return t.flatten(0, 1)
 
 
 class MHA(nn.Module):
@@ -95,7 +58,6 @@ class InternLMBlock(Block):
         self.norm1 = RMSNorm(h, m.layer_norm_epsilon)
         self.norm2 = RMSNorm(h, m.layer_norm_epsilon)
         self.mlp = SwiGLU(h, ffn_hidden(h, m.mlp_ratio, m.multiple_of))
-
 
 
 class InternLM(CausalLM):

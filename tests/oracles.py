@@ -1,0 +1,121 @@
+"""Test oracles: collective volumes and saved-activation bytes worked out from shapes.
+
+Production code does not use these; the tests compare them with what the counting
+:class:`~internevo.parallel.comm.Comm` and autograd's saved-tensor hooks measure, and
+``benchmarks/bench_tensor_memory.py`` prints the activation bytes.  docs/parallel.md and
+docs/architecture.md derive the same formulas.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Optional
+
+import torch
+from torch import Tensor, nn
+
+from internevo.config import TrainConfig
+from internevo.models.build import model_dtype
+from internevo.parallel.layout import ParallelLayout
+from internevo.parallel.zero import plan_buckets
+
+GROUP = "tensor"
+
+
+def _local(t: Tensor) -> Tensor:
+    return t.to_local() if hasattr(t, "to_local") else t
+
+
+def analytic_step_bytes(cfg: Any, layout: ParallelLayout, shapes: dict[str, tuple[int, ...]],
+                        blocks: list[str], micro_num: int) -> dict[str, int]:
+    """Payload bytes per successful training step, as ``{"comm/<kind>/<group>/bytes": n}``.
+
+    ``shapes`` maps parameter names to full (tensor-parallel-local) shapes, ``blocks`` the module
+    names of the transformer blocks (FSDP's units; the root owns the rest).  Assumes every
+    parameter is in the model dtype and tensor = pipeline = 1 for FSDP.
+    """
+    g = torch.empty(0, dtype=model_dtype(cfg)).element_size()
+    zo, replicas = layout.zero1, layout.data // layout.zero1
+    if layout.fsdp:
+        volumes = _fsdp_volumes(shapes, blocks, zo, micro_num, g)
+    else:
+        volumes = _zero_volumes(cfg, shapes, zo, g)
+    out = {}
+    for (kind, group), n in volumes.items():
+        size = {"zero1": zo, "zero1_replica": replicas}.get(group, 0)
+        if n and size > 1:
+            out[f"comm/{kind}/{group}/bytes"] = n
+    out["comm/all_reduce/zero1/bytes"] = 8 if zo > 1 else 0  # fp64 squared gradient norm
+    if layout.tensor > 1:
+        out["comm/all_reduce/tensor/bytes"] = 8
+    if layout.data > 1:
+        out["comm/all_reduce/data/bytes"] = 8  # the logged loss (fp64)
+    return {k: v for k, v in sorted(out.items()) if v}
+
+
+def _zero_volumes(cfg: Any, shapes: dict[str, tuple[int, ...]], zo: int,
+                  g: int) -> dict[tuple[str, str], int]:
+    """ZeRO-1.5: reduce-scatter + all-gather of padded buckets, replica all-reduce of a shard."""
+    numels = [math.prod(s) for s in shapes.values()]
+    padded = sum(b.shard * zo for b in plan_buckets(
+        numels, cfg.hybrid_zero_optimizer.reduce_bucket_size, zo))
+    return {("reduce_scatter", "zero1"): padded * g, ("all_gather", "zero1"): padded * g,
+            ("all_reduce", "zero1_replica"): padded // zo * g}
+
+
+def _fsdp_volumes(shapes: dict[str, tuple[int, ...]], blocks: list[str], zo: int,
+                  micro_num: int, g: int) -> dict[tuple[str, str], int]:
+    """FSDP2: per micro-batch all units gathered in forward, blocks again in backward; fp32
+    gradients reduce-scattered (and all-reduced across replicas) once, in the last backward."""
+    def padded(name: str) -> int:  # FSDP2 pads dim 0 to a multiple of the shard-group size
+        shape = shapes[name]
+        return math.ceil(shape[0] / zo) * zo * math.prod(shape[1:])
+
+    in_block = [n for n in shapes if any(n.startswith(b + ".") for b in blocks)]
+    block_elems = sum(padded(n) for n in in_block)
+    all_elems = sum(padded(n) for n in shapes)
+    return {("all_gather", "zero1"): micro_num * (all_elems + block_elems) * g,
+            ("reduce_scatter", "zero1"): all_elems * 4,
+            ("all_reduce", "zero1_replica"): all_elems // zo * 4}
+
+
+
+
+def expected_block_collectives(cfg: TrainConfig, mode: str, tokens: int,
+                               tp: int) -> dict[tuple[str, str], tuple[int, int]]:
+    """``{(kind, "tensor"): (calls, payload bytes)}`` of one block's forward + backward on a row
+    of ``tokens`` tokens (the table of docs/architecture.md)."""
+    if tp == 1:
+        return {}
+    h = cfg.model.hidden_size
+    act = tokens * h * torch.empty(0, dtype=model_dtype(cfg)).element_size()
+    if mode == "mtp":
+        return {("all_reduce", GROUP): (4, 4 * act)}
+    norm_bytes = h * (4 if cfg.use_fp32_norm else act // (tokens * h))
+    bias_bytes = act // tokens if cfg.model_type == "INTERNLM" else 0  # v1 out_proj bias
+    gathers = 4 if mode == "msp" else 7
+    return {("all_gather", GROUP): (gathers, gathers * act),
+            ("reduce_scatter", GROUP): (4, 4 * act),
+            ("all_reduce", GROUP): (2 + (bias_bytes > 0), 2 * norm_bytes + bias_bytes)}
+
+
+def saved_activation_bytes(model: nn.Module, ids: Tensor, cu_seqlens: Any,
+                           indexes: Optional[Tensor], block: int = 0) -> int:
+    """Bytes of the distinct storages block ``block`` saves for backward on this rank (its
+    parameters excluded), for one row: the activation memory a layer holds between forward and
+    backward."""
+    params = {_local(p).untyped_storage().data_ptr() for p in model.parameters()}
+    x = model.get_submodule(model.embedding_attr)(ids).detach().requires_grad_()
+    ctx = model.forward_context(x, cu_seqlens, indexes)
+    seen: dict[int, int] = {}
+
+    def pack(t: Tensor) -> Tensor:
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in params:
+            seen[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = model.transformer_blocks()[block](x, ctx)
+    del out
+    return sum(seen.values())
