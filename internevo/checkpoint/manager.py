@@ -19,7 +19,7 @@ from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, Protocol
 
 import numpy as np
 import torch
@@ -54,8 +54,11 @@ from internevo.checkpoint.format import (
     write_bytes,
     write_json,
 )
+from internevo.config import TrainConfig
 from internevo.models.base import ModelSpec
 from internevo.models.registry import get_spec
+from internevo.parallel.comm import Comm
+from internevo.parallel.layout import ParallelLayout
 
 try:
     from torch.distributed.tensor import DTensor, distribute_tensor
@@ -290,13 +293,34 @@ def _reason(err: BaseException) -> str:
 # -------------------------------------------------------------------------------- the manager
 
 
-class CheckpointManager:
-    """Saving cadence, stop file, (asynchronous) DCP saves and loading for one Trainer."""
+class Stateful(Protocol):
+    """What the manager saves and loads: ``state_dict()`` / ``load_state_dict(state)``."""
 
-    def __init__(self, trainer: Any):
-        self.trainer = trainer
-        self.cfg = trainer.cfg
-        self.layout = trainer.layout
+    def state_dict(self) -> dict:
+        """The part's state (tensors are saved through DCP, everything else in meta.json)."""
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore :meth:`state_dict`."""
+
+
+STATEFUL_PARTS = ("model", "optimizer", "schedules", "train_state", "loader")
+"""The parts a run hands to the manager.  ``optimizer`` also offers ``after_update()`` and
+``refresh_masters_from_params()`` (weights follow the masters / masters follow the weights);
+``train_state`` has ``step_count`` and ``batch_count`` (the saving cadence reads them)."""
+
+
+class CheckpointManager:
+    """Saving cadence, stop file, (asynchronous) DCP saves and loading of a run's parts."""
+
+    def __init__(self, cfg: TrainConfig, layout: ParallelLayout, comm: Comm,
+                 device: torch.device, parts: dict[str, Stateful]):
+        missing = [name for name in STATEFUL_PARTS if name not in parts]
+        if missing:
+            raise TypeError(f"CheckpointManager: parts {missing} are missing; "
+                            f"pass all of {', '.join(STATEFUL_PARTS)}")
+        self.cfg, self.layout, self.comm, self.device = cfg, layout, comm, device
+        self.parts = parts
+        self.state = parts["train_state"]
         self.spec = get_spec(self.cfg.model_type)
         ck = self.cfg.ckpt
         self.save_folder = (local_path(ck.save_ckpt_folder, "ckpt.save_ckpt_folder")
@@ -383,12 +407,12 @@ class CheckpointManager:
         """Rank 0 picks the newest complete checkpoint and tells the others (one decision)."""
         latest = latest_checkpoint(self.save_folder) if self.layout.rank == 0 else None
         step = torch.tensor([int(latest.name) if latest else -1], dtype=torch.int64,
-                            device=self.trainer.device)
-        self.trainer.comm.broadcast(step, "world")
+                            device=self.device)
+        self.comm.broadcast(step, "world")
         return None if step.item() < 0 else self.save_folder / str(step.item())
 
     def load(self, request: LoadRequest) -> None:
-        """Load ``request.parts`` into the trainer (errors name the file, tensor or key)."""
+        """Load ``request.parts`` into the run's parts (errors name the file, tensor or key)."""
         start = time.perf_counter()
         if not request.path.exists():
             raise CheckpointError(f"{request.source}.path: {request.path} does not exist")
@@ -401,7 +425,7 @@ class CheckpointManager:
             if meta is not None:
                 self._load_extras(folder, meta, request.parts)
             request = LoadRequest(folder, request.parts, request.ckpt_type, request.source)
-        st = self.trainer.state
+        st = self.state
         self._seen_step = st.step_count
         if "train_state" in request.parts:
             self._saved_batch, self._saved_step = st.batch_count, st.step_count
@@ -421,13 +445,13 @@ class CheckpointManager:
     def _load_tensors(self, folder: Path, meta: Optional[dict], parts: frozenset) -> None:
         """Model weights and optimizer tensors through DCP (resharded to this layout); ``meta``
         (None for a model-only folder) holds the optimizer's scalars."""
-        t = self.trainer
         state: dict[str, Any] = {}
         opt_plain: dict = {}
+        optimizer = self.parts["optimizer"]
         if "model" in parts:
-            state["model"] = t.model.state_dict()  # views of the parameters: loaded in place
+            state["model"] = self.parts["model"].state_dict()  # parameter views: loaded in place
         if "optimizer" in parts:
-            state["optimizer"], opt_plain = split_tree(t.optimizer.state_dict())
+            state["optimizer"], opt_plain = split_tree(optimizer.state_dict())
         if not state:
             return
         saved = saved_shapes(folder)
@@ -441,20 +465,19 @@ class CheckpointManager:
         copy_back(copies)
         if "optimizer" in parts:
             plain = merge_tree(opt_plain, meta_field(meta, "optimizer", folder))
-            t.optimizer.load_state_dict(merge_tree(state["optimizer"], plain))
+            optimizer.load_state_dict(merge_tree(state["optimizer"], plain))
             if "model" not in parts:
-                t.optimizer.after_update()  # the masters are the truth: weights follow them
+                optimizer.after_update()  # the masters are the truth: weights follow them
         else:
-            t.optimizer.refresh_masters_from_params()
+            optimizer.refresh_masters_from_params()
 
     def _load_extras(self, folder: Path, meta: dict, parts: frozenset) -> None:
-        t = self.trainer
         if "scheduler" in parts:
-            t.schedules.load_state_dict(meta_field(meta, "schedules", folder))
+            self.parts["schedules"].load_state_dict(meta_field(meta, "schedules", folder))
         if "train_state" in parts:
-            t.state.load_state_dict(meta_field(meta, "train_state", folder))
+            self.state.load_state_dict(meta_field(meta, "train_state", folder))
         if "sampler" in parts:
-            t.loader.load_state_dict(load_torch(self._loader_file(folder, meta)))
+            self.parts["loader"].load_state_dict(load_torch(self._loader_file(folder, meta)))
         if "rng" in parts:
             path = folder / "rng" / f"rank{self.layout.rank}.pt"
             if path.is_file():
@@ -479,13 +502,13 @@ class CheckpointManager:
             state = load_hf_for_training(request.path, self.cfg)
         except ValueError as err:  # HFConversionError / ConfigError name the file and the key
             raise CheckpointError(f"{request.source} (ckpt_type='hf'): {err}") from err
-        copy_full_state(self.trainer.model, state, str(request.path), self.spec)
-        self.trainer.optimizer.refresh_masters_from_params()
+        copy_full_state(self.parts["model"], state, str(request.path), self.spec)
+        self.parts["optimizer"].refresh_masters_from_params()
 
     # ---------------------------------------------------------------------------- saving
     def after_step(self) -> bool:
         """Save when the cadence, the last batch or the stop file asks; True when training stops."""
-        st = self.trainer.state
+        st = self.state
         action = self._stop_action()
         updated, self._seen_step = st.step_count != self._seen_step, st.step_count
         if self.saving and self._save_due(action, updated):
@@ -498,7 +521,7 @@ class CheckpointManager:
     def _save_due(self, action: int, updated: bool) -> bool:
         """checkpoint_every (successful updates only), the last batch, or the stop file's step;
         never the same state twice."""
-        st, every = self.trainer.state, self.cfg.ckpt.checkpoint_every
+        st, every = self.state, self.cfg.ckpt.checkpoint_every
         if updated and every and st.step_count % every == 0:
             return True
         if st.batch_count >= self.cfg.data.total_steps and st.batch_count != self._saved_batch:
@@ -509,10 +532,10 @@ class CheckpointManager:
         """Rank 0 reads the stop file, every rank gets the value (0 = nothing to do)."""
         if self.stop_file is None:
             return 0
-        value = torch.zeros(1, dtype=torch.int64, device=self.trainer.device)
+        value = torch.zeros(1, dtype=torch.int64, device=self.device)
         if self.layout.rank == 0:
             value.fill_(self._read_stop_file())
-        self.trainer.comm.broadcast(value, "world")
+        self.comm.broadcast(value, "world")
         return int(value.item())
 
     def _read_stop_file(self) -> int:
@@ -533,13 +556,13 @@ class CheckpointManager:
         if self.save_folder is None:
             raise CheckpointError("ckpt.save_ckpt_folder is not set: nowhere to save")
         self.wait()  # one save in flight at a time
-        st = self.trainer.state
+        st = self.state
         step = st.step_count
         tmp = self.save_folder / f"{TMP_PREFIX}{step}"
         self._prepare(tmp)
-        opt_tensors, opt_plain = split_tree(self.trainer.optimizer.state_dict())
+        opt_tensors, opt_plain = split_tree(self.parts["optimizer"].state_dict())
         self._write_extras(tmp, step, opt_plain)
-        state, _ = checkpoint_layout({"model": self.trainer.model.state_dict(),
+        state, _ = checkpoint_layout({"model": self.parts["model"].state_dict(),
                                       "optimizer": opt_tensors}, self.spec)
         self._saved_batch, self._saved_step = st.batch_count, step
         writer = dcp.FileSystemWriter(str(tmp))
@@ -557,28 +580,29 @@ class CheckpointManager:
         if self.layout.rank == 0:
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
-        self.trainer.comm.barrier()
+        self.comm.barrier()
 
     def _write_extras(self, tmp: Path, step: int, opt_plain: dict) -> None:
         """The small files; every rank writes its own before entering the (collective) DCP save,
         so they all exist once rank 0's DCP save returns."""
-        lay, t = self.layout, self.trainer
+        lay = self.layout
         if lay.rank == 0:
             write_json(tmp / META_FILE, self._meta(step, opt_plain))
             write_json(tmp / MODEL_CONFIG_FILE, asdict(self.cfg.model))
             write_bytes(tmp / CONFIG_FILE, config_text(self.cfg).encode())
         if lay.tp_rank == 0 and lay.pp_rank == 0:  # loader states differ per data rank only
-            save_torch(tmp / "loader" / f"dp{lay.dp_rank}.pt", t.loader.state_dict())
+            save_torch(tmp / "loader" / f"dp{lay.dp_rank}.pt", self.parts["loader"].state_dict())
         save_torch(tmp / "rng" / f"rank{lay.rank}.pt", rng_state())
 
     def _meta(self, step: int, opt_plain: dict) -> dict:
-        lay, t = self.layout, self.trainer
+        lay = self.layout
         return {"format": FORMAT, "version": FORMAT_VERSION, "step": step,
                 "job_name": self.cfg.JOB_NAME, "model_type": self.cfg.model_type,
                 "dtype": self.cfg.model.dtype, "saved_at": time.strftime("%Y-%m-%d %H:%M:%S"),
                 "layout": {"world_size": lay.world_size, "tensor": lay.tensor, "data": lay.data,
                            "pipeline": lay.pipeline, "zero1": lay.zero1, "fsdp": lay.fsdp},
-                "train_state": t.state.state_dict(), "schedules": t.schedules.state_dict(),
+                "train_state": self.state.state_dict(),
+                "schedules": self.parts["schedules"].state_dict(),
                 "optimizer": opt_plain}
 
     def _run_dcp(self, fn: Callable[[], Any], tmp: Path) -> Any:
@@ -632,9 +656,9 @@ class CheckpointManager:
 
     def finish(self) -> None:
         """Save the final state if the loop ended without doing so, then wait for saves."""
-        st = self.trainer.state
+        st = self.state
         if (self.saving and st.batch_count >= self.cfg.data.total_steps
                 and st.batch_count != self._saved_batch):
             self.save()  # the last batches were skipped, so after_step never saw the end
         self.wait()
-        self.trainer.comm.barrier()
+        self.comm.barrier()

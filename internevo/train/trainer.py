@@ -75,7 +75,9 @@ class Trainer:
         self.peak = device_peak_flops(cfg, device)
         self.writer = MetricsWriter(self.run_dir, cfg.enable_tb, cfg.tensorboard_folder,
                                     layout.is_log_rank)
-        self.ckpt = CheckpointManager(self)
+        self.ckpt = CheckpointManager(cfg, layout, comm, device, {
+            "model": self.model, "optimizer": self.optimizer, "schedules": self.schedules,
+            "train_state": self.state, "loader": self.loader})
         self.history: list[dict] = []
         self.fused_head = self.can_fuse_head()
         """Loss by :func:`fused_lm_loss` (tensor parallel off, plain single-device head)."""
