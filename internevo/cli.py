@@ -171,7 +171,7 @@ def _from_hf(args: argparse.Namespace) -> int:
 
 
 def build_convert_parser() -> argparse.ArgumentParser:
-    """``internevo convert {to-hf,from-hf}``."""
+    """``internevo convert {to-hf,from-hf,from-internevo,to-internevo}``."""
     parser = argparse.ArgumentParser(prog="internevo convert")
     sub = parser.add_subparsers(dest="command", required=True)
     to = sub.add_parser("to-hf", help="our checkpoint -> Hugging Face folder")
@@ -193,18 +193,22 @@ def build_convert_parser() -> argparse.ArgumentParser:
                       default=True, help="InternLM2: false stores q/k interleaved")
     back.add_argument("--overwrite", action="store_true", help="replace a non-empty --tgt")
     back.set_defaults(run=_from_hf)
+    from internevo.convert.internevo_folder import add_parsers
+
+    add_parsers(sub)
     return parser
 
 
 def convert_main(argv: Sequence[str]) -> int:
     """Entry point of ``internevo convert`` and of ``tools/transformers/*.py``."""
     from internevo.convert.hf_config import HFConversionError
+    from internevo.convert.internevo import InternEvoCheckpointError
 
     args = build_convert_parser().parse_args(list(argv))
     try:
         return args.run(args)
-    except (HFConversionError, CheckpointError, ConfigError, FileExistsError,
-            FileNotFoundError) as err:
+    except (HFConversionError, InternEvoCheckpointError, CheckpointError, ConfigError,
+            FileExistsError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
 

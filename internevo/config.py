@@ -9,12 +9,15 @@ closest valid key.
 
 from __future__ import annotations
 
+import builtins
+import contextlib
 import dataclasses
 import difflib
 import math
-import runpy
+import os
 import types
 import typing
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Union
@@ -185,7 +188,9 @@ class ModelConfig:
     is_reward: bool = False
     """Only False is supported."""
     num_experts: int = 1
-    """Only 1 (dense models) is supported."""
+    """Only 1: MoE models are not supported by this version."""
+    deepnorm: bool = False
+    """Only False: DeepNorm is not supported (InternEvo itself refuses it)."""
 
 
 @dataclass
@@ -486,11 +491,15 @@ _FROZEN_ONLY = {  # field -> the only supported value (accepted for compatibilit
     "model.norm_head": False,
     "model.use_swiglu": True,
     "model.is_reward": False,
-    "model.num_experts": 1,
     "data.bucket_size": 0,
     "lr_scheduler.last_epoch": -1,
     "beta2_scheduler.cur_iter": -1,
 }
+MOE_UNSUPPORTED = "MoE models are not supported by this version (dense INTERNLM and INTERNLM2 only)"
+DEEPNORM_UNSUPPORTED = (
+    "DeepNorm (post-norm residuals x*alpha + f(x) with alpha = (2N)**0.25 and init scaled by "
+    "beta, for training very deep post-norm models) is not supported by this version, as in "
+    "InternEvo, which refuses it too; remove the key or set it to False")
 
 
 # --------------------------------------------------------------------------------------------
@@ -557,6 +566,8 @@ def build_section(cls: type, values: dict, where: str, prefix: str = "") -> Any:
     kwargs = {}
     for key, value in values.items():
         if key not in names:
+            if cls is ModelConfig and str(key).startswith("moe_"):
+                raise _fail(where, prefix + str(key), MOE_UNSUPPORTED)
             raise _unknown_key(where, prefix, str(key), names)
         if key == "dtype" and cls is ModelConfig:
             value = _normalise_dtype(value, where)
@@ -624,6 +635,10 @@ def _validate_model_type(cfg: TrainConfig, where: str) -> None:
 
 def _validate_model(cfg: TrainConfig, where: str) -> None:
     m = cfg.model
+    _check("moe" not in cfg.model_type.lower(), where, "model_type",
+           f"{cfg.model_type!r}: {MOE_UNSUPPORTED}")
+    _check(m.num_experts == 1, where, "model.num_experts", f"={m.num_experts}: {MOE_UNSUPPORTED}")
+    _check(not m.deepnorm, where, "model.deepnorm", DEEPNORM_UNSUPPORTED)
     _validate_model_type(cfg, where)
     for key in ("num_layers", "hidden_size", "num_attention_heads", "vocab_size", "multiple_of"):
         _check(getattr(m, key) >= 1, where, f"model.{key}", f"must be >= 1, got {getattr(m, key)}")
@@ -733,21 +748,121 @@ def load_config(path: str | Path, overrides: Optional[dict] = None) -> TrainConf
     """Execute a Python config file and return its validated :class:`TrainConfig`.
 
     ``overrides`` maps dotted keys (``"data.total_steps"``) to values applied before validation.
+    A file that inherits with ``read_base`` (:class:`BaseImporter`) is saved with checkpoints as
+    its flattened values, so it loads again away from its ``configs/_base_`` tree.
     """
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"{path}: config file not found")
     text = path.read_text()
-    try:
-        values = runpy.run_path(str(path))
-    except Exception as err:  # the file itself is broken: say where
-        raise ConfigError(f"{path}: could not execute config file: {err!r}") from err
-    values = {k: v for k, v in values.items() if not k.startswith("__")}
+    importer = BaseImporter(path)
+    values = importer.run(path)
     for dotted, value in (overrides or {}).items():
         _set_dotted(values, dotted, value)
     cfg = config_from_dict(values, str(path))
+    if importer.bases:
+        text = flattened_text(values, path, importer.bases)
     cfg.text = text + _overrides_as_code(overrides or {})
     return cfg
+
+
+# --------------------------------------------------------------------------------------------
+# read_base inheritance (InternEvo's ``with read_base(): from configs._base_.x import *``)
+
+CONFIG_PATH_ENV = "INTERNEVO_CONFIG_PATH"
+"""Extra folders (``os.pathsep``-separated) searched for ``configs._base_...`` modules first."""
+_READ_BASE_MODULES = ("internlm.utils.utils", "internlm.utils.config", "mmengine.config",
+                      "mmengine")
+
+
+@contextlib.contextmanager
+def read_base() -> Iterator[None]:
+    """InternEvo's (mmengine's) marker around base-config imports: it does nothing itself."""
+    yield
+
+
+class BaseImporter:
+    """Executes config files, resolving their imports of other config files.
+
+    ``from internlm.utils.utils import read_base`` gets :func:`read_base` (no InternEvo needed);
+    ``from configs._base_.models.x import *`` executes ``configs/_base_/models/x.py`` found in
+    the folders of :data:`CONFIG_PATH_ENV`, then the config file's folder and its parents (so
+    the ``configs/`` tree of an InternEvo checkout is found from any config inside it), then the
+    working directory; its public names then enter the importing file, which may override them
+    (Python's import semantics, as InternEvo).  Other imports are ordinary imports, and are
+    searched for in the same folders only when Python cannot find them.
+    """
+
+    def __init__(self, path: Path) -> None:
+        env = [Path(p) for p in os.environ.get(CONFIG_PATH_ENV, "").split(os.pathsep) if p]
+        folder = path.resolve().parent
+        self.roots = [*env, folder, *folder.parents, Path.cwd()]
+        self.bases: list[Path] = []
+        self._stack: list[Path] = []
+
+    def run(self, path: Path) -> dict:
+        """The top-level names (no dunders) after executing ``path``."""
+        if path.resolve() in self._stack:
+            raise ConfigError(f"{path}: imported by itself (through {self._stack[-1]})")
+        self._stack.append(path.resolve())
+        scope = {"__file__": str(path), "__name__": "__internevo_config__",
+                 "__builtins__": {**builtins.__dict__, "__import__": self._import}}
+        try:
+            exec(compile(path.read_text(), str(path), "exec"), scope)
+        except ConfigError:
+            raise
+        except Exception as err:  # the file itself is broken: say where
+            raise ConfigError(f"{path}: could not execute config file: {err!r}") from err
+        finally:
+            self._stack.pop()
+        return {k: v for k, v in scope.items() if not k.startswith("__")}
+
+    def _import(self, name: str, globals_: Any = None, locals_: Any = None,
+                fromlist: tuple = (), level: int = 0) -> Any:
+        if name in _READ_BASE_MODULES:
+            return types.SimpleNamespace(read_base=read_base)
+        if level or name.split(".")[0] != "configs":
+            try:
+                return builtins.__import__(name, globals_, locals_, fromlist, level)
+            except ModuleNotFoundError:
+                if level:
+                    raise
+        found = self._find(name)
+        if not found:
+            raise ConfigError(f"{self._stack[-1]}: cannot import {name!r}: no "
+                              f"{Path(*name.split('.'))}.py in {CONFIG_PATH_ENV}, the config's "
+                              "folder, its parents or the working directory")
+        if not fromlist:
+            raise ConfigError(f"{self._stack[-1]}: 'import {name}': write 'from {name} import *' "
+                              "inside 'with read_base():'")
+        module = types.ModuleType(name)
+        if found.is_file():
+            self.bases.append(found)
+            module.__dict__.update(self.run(found))
+        else:  # a package folder: ``from configs._base_.models import internlm2_7B``
+            for sub in (n for n in fromlist if n != "*"):
+                setattr(module, sub, self._import(f"{name}.{sub}", fromlist=("*",)))
+        return module
+
+    def _find(self, name: str) -> Optional[Path]:
+        """The file (or package folder) of module ``name`` under the search roots."""
+        rel = Path(*name.split("."))
+        for root in self.roots:
+            if (root / rel).with_suffix(".py").is_file():
+                return (root / rel).with_suffix(".py")
+            if (root / rel).is_dir():
+                return root / rel
+        return None
+
+
+def flattened_text(values: dict, path: Path, bases: list[Path]) -> str:
+    """A config file with the resolved top-level values of ``path`` (no imports left)."""
+    from_files = ", ".join(str(p) for p in [path, *bases])
+    lines = [f"# {path.name} with its read_base imports resolved ({from_files})",
+             "from math import inf, nan  # what repr() writes for them", ""]
+    lines += [f"{k} = {v!r}" for k, v in values.items()
+              if not k.startswith("_") and not callable(v) and not isinstance(v, types.ModuleType)]
+    return "\n".join([*lines, "del inf, nan"]) + "\n"
 
 
 def _overrides_as_code(overrides: dict) -> str:

@@ -55,6 +55,7 @@ from internevo.checkpoint.format import (
     write_json,
 )
 from internevo.config import TrainConfig
+from internevo.convert.internevo import InternEvoCheckpointError, find_checkpoint, read_checkpoint
 from internevo.models.base import ModelSpec
 from internevo.models.registry import get_spec
 from internevo.parallel.comm import Comm
@@ -167,6 +168,68 @@ def copy_full_state(model: nn.Module, state: dict[str, torch.Tensor], where: str
     with torch.no_grad():
         for name, target in current.items():
             _copy_full(target, state[name])
+
+
+def load_full_state(parts: dict[str, Any], full: dict, wanted: frozenset, where: str,
+                    spec: ModelSpec) -> None:
+    """Load full (unsharded) state into a run's ``parts`` (each rank keeps its shard), for the
+    ``wanted`` parts: ``full["model"]`` (name -> tensor), ``full["optimizer"]`` (our optimizer
+    state dict with full per-parameter tensors), ``full["schedules"]``, ``full["train_state"]``
+    and ``full["loader"]`` (the ones present)."""
+    optimizer = parts["optimizer"]
+    if "model" in wanted:
+        copy_full_state(parts["model"], full["model"], where, spec)
+    if "optimizer" in wanted:
+        current = optimizer.state_dict()
+        with torch.no_grad():
+            for name, tensors in current["params"].items():
+                if name not in full["optimizer"]["params"]:
+                    raise CheckpointError(f"{where}: no optimizer state for {name!r}")
+                for key, target in tensors.items():
+                    _copy_full(target, full["optimizer"]["params"][name][key])
+        optimizer.load_state_dict({**current, "step": full["optimizer"]["step"],
+                                   "scaler": full["optimizer"]["scaler"]})
+        if "model" not in wanted:
+            optimizer.after_update()  # the masters are the truth: weights follow them
+    else:
+        optimizer.refresh_masters_from_params()
+    for part, key in (("scheduler", "schedules"), ("train_state", "train_state"),
+                      ("sampler", "loader")):
+        if part in wanted and key in full:
+            parts[key].load_state_dict(full[key])
+
+
+def meta_record(cfg: TrainConfig, step: int, layout: dict, train_state: dict, schedules: dict,
+                optimizer: dict) -> dict:
+    """The content of ``meta.json``."""
+    return {"format": FORMAT, "version": FORMAT_VERSION, "step": step, "job_name": cfg.JOB_NAME,
+            "model_type": cfg.model_type, "dtype": cfg.model.dtype,
+            "saved_at": time.strftime("%Y-%m-%d %H:%M:%S"), "layout": layout,
+            "train_state": train_state, "schedules": schedules, "optimizer": optimizer}
+
+
+def write_full_checkpoint(save_folder: Path, cfg: TrainConfig, full: dict, layout: dict,
+                          text: str) -> Path:
+    """A complete checkpoint ``<save_folder>/<step>/`` of full (unsharded) state, written by one
+    process (``full`` as :func:`load_full_state` takes it; ``loader``, when present, is every
+    data rank's state of ``layout``); ``text`` is its ``config.py``."""
+    step = int(full["train_state"]["step_count"])
+    tmp = save_folder / f"{TMP_PREFIX}{step}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    opt_tensors, opt_plain = split_tree(full["optimizer"])
+    write_json(tmp / META_FILE, meta_record(cfg, step, layout, full["train_state"],
+                                            full["schedules"], opt_plain))
+    write_json(tmp / MODEL_CONFIG_FILE, asdict(cfg.model))
+    write_bytes(tmp / CONFIG_FILE, text.encode())
+    if "loader" in full:
+        for d in range(layout["data"]):
+            save_torch(tmp / "loader" / f"dp{d}.pt", full["loader"])
+    model = {k: v.contiguous() for k, v in full["model"].items()}
+    state, _ = checkpoint_layout({"model": model, "optimizer": opt_tensors},
+                                 get_spec(cfg.model_type))
+    dcp.save(state, storage_writer=dcp.FileSystemWriter(str(tmp)), no_dist=True)
+    return finalize(tmp, save_folder, step)
 
 
 def checkpoint_layout(state: dict, spec: ModelSpec, saved: Optional[dict[str, tuple]] = None
@@ -288,6 +351,12 @@ def _reason(err: BaseException) -> str:
     """The last line of an error (DCP's CheckpointException carries every rank's traceback)."""
     lines = [ln.strip() for ln in str(err).splitlines() if ln.strip()]
     return lines[-1] if lines else type(err).__name__
+
+
+def is_internevo_checkpoint(path: Path) -> bool:
+    """Whether ``path`` is an InternEvo run's checkpoint (or its save folder), told by its files:
+    ``ckpt_type="internevo"`` reads InternEvo's folders and ours alike."""
+    return not (path / META_FILE).exists() and find_checkpoint(path) is not None
 
 
 # -------------------------------------------------------------------------------- the manager
@@ -418,6 +487,8 @@ class CheckpointManager:
             raise CheckpointError(f"{request.source}.path: {request.path} does not exist")
         if request.ckpt_type == "hf":
             self._load_hf(request)
+        elif is_internevo_checkpoint(request.path):
+            request = self._load_internevo(request)
         else:
             folder = self._checkpoint_folder(request)
             meta = verify_checkpoint(folder, request.parts)
@@ -493,6 +564,17 @@ class CheckpointManager:
         path = folder / "loader" / f"dp{self.layout.dp_rank}.pt"
         saved_dp = meta.get("layout", {}).get("data", self.layout.data)
         return path if saved_dp == self.layout.data else folder / "loader" / "dp0.pt"
+
+    def _load_internevo(self, request: LoadRequest) -> LoadRequest:
+        """An InternEvo run's own checkpoint (``model_tp*_pp*.pt`` ...): every rank reads the
+        files, merges them into full tensors and keeps its part."""
+        parts = request.parts - {"rng"}  # InternEvo saves no RNG states
+        try:
+            full = read_checkpoint(request.path, self.cfg, parts)
+        except InternEvoCheckpointError as err:
+            raise CheckpointError(f"{request.source}: {err}") from err
+        load_full_state(self.parts, full, parts, str(full["folder"]), self.spec)
+        return LoadRequest(full["folder"], parts, request.ckpt_type, request.source)
 
     def _load_hf(self, request: LoadRequest) -> None:
         """Weights of a Hugging Face folder (``ckpt_type="hf"``); masters follow the weights."""
@@ -596,14 +678,10 @@ class CheckpointManager:
 
     def _meta(self, step: int, opt_plain: dict) -> dict:
         lay = self.layout
-        return {"format": FORMAT, "version": FORMAT_VERSION, "step": step,
-                "job_name": self.cfg.JOB_NAME, "model_type": self.cfg.model_type,
-                "dtype": self.cfg.model.dtype, "saved_at": time.strftime("%Y-%m-%d %H:%M:%S"),
-                "layout": {"world_size": lay.world_size, "tensor": lay.tensor, "data": lay.data,
-                           "pipeline": lay.pipeline, "zero1": lay.zero1, "fsdp": lay.fsdp},
-                "train_state": self.state.state_dict(),
-                "schedules": self.parts["schedules"].state_dict(),
-                "optimizer": opt_plain}
+        layout = {"world_size": lay.world_size, "tensor": lay.tensor, "data": lay.data,
+                  "pipeline": lay.pipeline, "zero1": lay.zero1, "fsdp": lay.fsdp}
+        return meta_record(self.cfg, step, layout, self.state.state_dict(),
+                           self.parts["schedules"].state_dict(), opt_plain)
 
     def _run_dcp(self, fn: Callable[[], Any], tmp: Path) -> Any:
         try:

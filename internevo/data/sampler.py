@@ -121,8 +121,8 @@ class BatchSampler:
         ranks together consumed the first ``offset * dp_size`` rows of the epoch's permutation,
         and the new ranks start just past them (rounded up: rows may be skipped, none repeated).
         """
-        for key in ("seed", "rampup", "num_rows"):
-            if state[key] != getattr(self, key):
+        for key in ("seed", "rampup", "num_rows"):  # num_rows None: unknown (from InternEvo)
+            if state[key] is not None and state[key] != getattr(self, key):
                 raise DataError(f"data state mismatch: saved {key}={state[key]!r}, now "
                                 f"{getattr(self, key)!r}; the data, seed and ramp-up must not "
                                 "change on resume")

@@ -127,6 +127,9 @@ class ModelSpec:
         default=_no_checkpoint_shape)
     """(name, shape) -> the tensor's layout-independent checkpoint shape, or None when it is
     saved as it is (InternLM v1's fused ``Wqkv`` is saved as ``[3, H*d, ...]``)."""
+    legacy_names: Optional[Callable[[StateDict, ModelConfig], StateDict]] = None
+    """Rename the tensors of one InternEvo model file written under an older naming (told by
+    their shapes) to ours; None when the type has no older naming."""
 
     def build(self, cfg: TrainConfig) -> nn.Module:
         """The uninitialised single-device model of ``cfg``."""

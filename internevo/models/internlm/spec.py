@@ -86,6 +86,21 @@ HF = HFMapping(
 )
 
 
+def legacy_mlp_names(sd: StateDict, m: ModelConfig) -> StateDict:
+    """InternLM's ``main`` branch called the down projection ``w3`` (and the up projection
+    ``w2``), spec §4.1: told by ``w3``'s shape ``[h, ffn/tp]``, swapped to our names."""
+    h = m.hidden_size
+    if not any(k.endswith(".mlp.w3.weight") and v.shape[0] == h != v.shape[1]
+               for k, v in sd.items()):
+        return sd
+    swap = {".mlp.w2.": ".mlp.w3.", ".mlp.w3.": ".mlp.w2."}
+    out = {}
+    for key, value in sd.items():
+        old = next((o for o in swap if o in key), None)
+        out[key.replace(old, swap[old]) if old else key] = value
+    return out
+
+
 def _kind(m: ModelConfig) -> str:
     return "normal"
 
@@ -101,4 +116,5 @@ SPEC = ModelSpec(
                    fused_qkv=("Wqkv",)),
     hf=HF,
     checkpoint_shape=qkv_checkpoint_shape,
+    legacy_names=legacy_mlp_names,
 )
