@@ -1,4 +1,4 @@
-"""Command line: ``internevo train | tokenize | tokenize-alpaca | convert``."""
+"""Command line: ``internevo train | tokenize | tokenize-alpaca | convert | report``."""
 
 from __future__ import annotations
 
@@ -70,9 +70,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     """Entry point of the ``internevo`` console script."""
     argv = list(sys.argv[1:] if argv is None else argv)
     commands = {"train": _train, "tokenize": _tokenize, "tokenize-alpaca": _alpaca,
-                "convert": _convert}
+                "convert": _convert, "report": _report}
     if not argv or argv[0] not in commands:
-        print("usage: internevo {train,tokenize,tokenize-alpaca,convert} ...", file=sys.stderr)
+        print("usage: internevo {train,tokenize,tokenize-alpaca,convert,report} ...",
+              file=sys.stderr)
         return 2
     try:
         return commands[argv[0]](argv[1:]) or 0
@@ -211,6 +212,12 @@ def convert_main(argv: Sequence[str]) -> int:
             FileExistsError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+
+
+def _report(argv: list[str]) -> int:
+    from internevo.profiling.report import report_main
+
+    return report_main(argv)
 
 
 if __name__ == "__main__":

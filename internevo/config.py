@@ -401,6 +401,10 @@ class MonitorConfig:
     """InternEvo's alert settings; accepted for compatibility."""
     tensorboard: dict = field(default_factory=dict)
     """``queue_max_length``: accepted for compatibility (scalars are flushed every step)."""
+    plot: bool = True
+    """Draw ``metrics.png`` (loss, lr, grad norm, TGS over steps) at the end of a run."""
+    memory_profile_steps: int = 2
+    """Steps recorded by ``--profiling memory`` (from the first step)."""
 
 
 @dataclass

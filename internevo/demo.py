@@ -65,6 +65,8 @@ def train(extra: list[str]) -> list[dict]:
 
 def summarise(history: list[dict]) -> None:
     """Print first/last loss, throughput and where the logs are."""
+    from internevo.profiling.report import report_path
+
     steps = [r for r in history if "loss" in r and r.get("success", True)]
     first, last = steps[0], steps[-1]
     tail = steps[len(steps) // 2:]  # second half: past start-up effects
@@ -77,6 +79,7 @@ def summarise(history: list[dict]) -> None:
     print(f"  throughput (median of the second half): {tgs:.0f} tokens/s per process, MFU {mfu}")
     print(f"  metrics: {RUN_DIR / 'metrics.jsonl'}")
     print(f"  TensorBoard: tensorboard --logdir {RUN_DIR / 'tensorboard'}")
+    print(f"  picture of the run: {report_path(RUN_DIR)}")
 
 
 def export_and_generate(prompt: str = "ROMEO:") -> None:

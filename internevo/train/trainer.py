@@ -15,6 +15,7 @@ from internevo.models.loss import fused_lm_loss, token_stats
 from internevo.parallel.comm import Comm
 from internevo.parallel.layout import ParallelLayout
 from internevo.parallel.scaler import LossScaler
+from internevo.profiling.report import eta_text, write_report
 from internevo.train.metrics import MetricsWriter, device_peak_flops, step_flops
 from internevo.train.schedules import Schedules
 
@@ -221,6 +222,8 @@ class Trainer:
                 break
         self.ckpt.finish()
         self.writer.close()
+        if self.cfg.monitor.plot and self.layout.is_log_rank:
+            write_report(self.run_dir)
         return self.history
 
     def should_validate(self) -> bool:
@@ -234,7 +237,9 @@ class Trainer:
         skipped = "" if r["success"] else " (update skipped: non-finite gradients)"
         return (f"step {r['step']:>5} batch {r['batch'] + 1}/{self.cfg.data.total_steps} "
                 f"loss {r['loss']:.4f} lr {r['lr']:.3e} grad_norm {r['grad_norm']:.3f} "
-                f"tgs {r['tgs']:.0f} tflops {r['tflops']:.3f} mfu {mfu}{skipped}")
+                f"tgs {r['tgs']:.0f} tflops {r['tflops']:.3f} mfu {mfu} "
+                f"eta {eta_text(self.history, self.cfg.data.total_steps - r['batch'] - 1)}"
+                f"{skipped}")
 
     # ---------------------------------------------------------------------------- validation
     @torch.no_grad()
