@@ -29,6 +29,9 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
                         help="override a config value, e.g. --set data.total_steps=20")
     parser.add_argument("--comm-report", action="store_true",
                         help="print the per-collective byte table of the last step")
+    parser.add_argument("--profiling", choices=("memory",), default=None,
+                        help="memory: per-module bytes of the first monitor.memory_profile_steps "
+                             "steps into <run-dir>/memory/rank<r>/")
 
 
 def run_train(args: argparse.Namespace) -> list[dict]:
@@ -59,6 +62,10 @@ def run_train(args: argparse.Namespace) -> list[dict]:
         print(f"[internevo] {cfg.JOB_NAME}: {layout.describe()} | device {device} | "
               f"run dir {run_dir}")
     trainer = Trainer(cfg, layout, comm, device, run_dir, args.seed)
+    if args.profiling == "memory":
+        from internevo.profiling.memory import attach_memory_profiler
+
+        attach_memory_profiler(trainer)
     history = trainer.fit()
     if args.comm_report and layout.is_log_rank:
         print(comm.report())
