@@ -25,7 +25,7 @@ from test_train import TINY
 
 from internevo.config import config_from_dict
 from internevo.data.loader import build_train_loader
-from internevo.models.registry import build_model
+from internevo.models.build import build_model
 from internevo.parallel.comm import Comm
 from internevo.parallel.layout import ParallelLayout
 from internevo.parallel.spawn import spawn_ranks
@@ -100,12 +100,13 @@ def independent_block_bytes(model, batch: dict) -> int:
         x = torch.randn(1, batch["input_ids"].shape[1], model.tok_embeddings.embedding_dim,
                         requires_grad=True)
         ctx = model.forward_context(x, batch["cu_seqlens"][m], batch["indexes"][m:m + 1])
-        best = max(best, saved_bytes(lambda: block(x, ctx), params))
+        best = max(best, saved_bytes(block, (x, ctx), params))
     return best
 
 
-def saved_bytes(forward, excluded: set[int]) -> int:
-    """Bytes of the distinct storages ``forward()`` saves for backward (``excluded`` left out)."""
+def saved_bytes(forward, args: tuple, excluded: set[int]) -> int:
+    """Bytes of the distinct storages ``forward(*args)`` saves for backward (``excluded`` left
+    out)."""
     saved: dict[int, int] = {}
 
     def pack(t):
@@ -115,7 +116,7 @@ def saved_bytes(forward, excluded: set[int]) -> int:
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        forward()
+        forward(*args)
     return sum(saved.values())
 
 
