@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import ClassVar, Optional
+from typing import Any, ClassVar, Optional
 
 import torch
 import torch.nn.functional as F
@@ -144,6 +144,9 @@ class ForwardContext:
     """RoPE sin, same shape."""
     segments: Optional[Segments]
     """Packed-row segment boundaries (None: each row is one causal sequence)."""
+    exchange: Optional[Any] = None
+    """Sequence parallel across attention (isp's Ulysses all-to-all): ``to_heads(q, k, v)`` turns
+    sequence shards into head shards of the full row, ``to_sequence(out)`` turns them back."""
 
 
 def dropout(x: Tensor, p: float, training: bool) -> Tensor:
@@ -154,11 +157,14 @@ def dropout(x: Tensor, p: float, training: bool) -> Tensor:
 def attend(q: Tensor, k: Tensor, v: Tensor, ctx: ForwardContext, dropout_p: float,
            training: bool, use_flash: bool) -> Tensor:
     """Attention on ``[B, S, H, d]`` tensors, packed (B == 1) when the context has segments."""
+    if ctx.exchange is not None:
+        q, k, v = ctx.exchange.to_heads(q, k, v)
     if ctx.segments is None:
-        return packed_causal_attention(q, k, v, None, dropout_p, training, use_flash=use_flash)
-    out = packed_causal_attention(q[0], k[0], v[0], ctx.segments, dropout_p, training,
-                                  use_flash=use_flash)
-    return out.unsqueeze(0)
+        out = packed_causal_attention(q, k, v, None, dropout_p, training, use_flash=use_flash)
+    else:
+        out = packed_causal_attention(q[0], k[0], v[0], ctx.segments, dropout_p, training,
+                                      use_flash=use_flash).unsqueeze(0)
+    return out if ctx.exchange is None else ctx.exchange.to_sequence(out)
 
 
 class Block(nn.Module):

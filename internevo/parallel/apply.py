@@ -1,9 +1,10 @@
 """Apply parallelism to a single-device model, in one fixed order, and build what depends on it.
 
 Order: build the full model (layout-independent initial weights; on the meta device under FSDP)
--> tensor / sequence parallel -> activation checkpointing -> FSDP (shard, materialise, initialise)
-or move to the device.  The optimizer and the loss are chosen
-to match (ZeRO-1.5 flat shards or FSDP's own shards; plain or vocab-parallel cross entropy).
+-> tensor / sequence parallel (or isp + weight parallel) -> activation checkpointing -> FSDP
+(shard, materialise, initialise) or move to the device.  The optimizer and the loss are chosen
+to match (ZeRO-1.5 flat shards or FSDP's own shards; plain, vocab-parallel or sequence-shard
+cross entropy).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from internevo.models.build import apply_activation_checkpointing, build_model
 from internevo.models.loss import lm_loss
 from internevo.parallel.comm import Comm
 from internevo.parallel.fsdp import FSDPOptimizer, shard_model
+from internevo.parallel.isp import SequenceShardLoss, apply_isp
 from internevo.parallel.layout import ParallelLayout
 from internevo.parallel.scaler import LossScaler
 from internevo.parallel.tensor import VocabParallelLoss, apply_tensor_parallel
@@ -30,7 +32,10 @@ def parallelize(cfg: TrainConfig, layout: ParallelLayout, comm: Comm, device: to
     model = build_model(cfg, seed=seed, device="meta" if layout.fsdp else "cpu")
     if not layout.fsdp:  # DTensor shards are cut on the final device
         model = model.to(device)
-    apply_tensor_parallel(model, cfg, layout, comm, device.type)
+    if layout.isp:
+        apply_isp(model, cfg, layout, comm, device.type)
+    else:
+        apply_tensor_parallel(model, cfg, layout, comm, device.type)
     if cfg.model.checkpoint:
         apply_activation_checkpointing(model, cfg.model.checkpoint)
     if layout.fsdp:
@@ -51,6 +56,8 @@ def build_loss(cfg: TrainConfig, layout: ParallelLayout,
                comm: Comm) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
     """Cross entropy with the configured label smoothing (vocab-parallel on sharded logits)."""
     smoothing = cfg.loss.label_smoothing
+    if layout.isp:
+        return SequenceShardLoss(comm, smoothing)
     if layout.tensor > 1 and cfg.model.parallel_output:
         return VocabParallelLoss(comm, smoothing)
     return lambda logits, labels: lm_loss(logits, labels, smoothing)

@@ -83,10 +83,10 @@ def split_dim(comm: Comm, x: Tensor, dim: int) -> Tensor:
     return x if n == 1 else x.chunk(n, dim=dim)[comm.layout.tp_rank].contiguous()
 
 
-def all_reduce(comm: Comm, x: Tensor, op: str = "sum") -> Tensor:
-    """A summed (or max/min) copy of ``x`` over the tensor group."""
+def all_reduce(comm: Comm, x: Tensor, op: str = "sum", group: str = GROUP) -> Tensor:
+    """A summed (or max/min) copy of ``x`` over the tensor group (or ``group``)."""
     out = x.clone()
-    comm.all_reduce(out, GROUP, op=op)
+    comm.all_reduce(out, group, op=op)
     return out
 
 
@@ -95,17 +95,18 @@ def all_reduce(comm: Comm, x: Tensor, op: str = "sum") -> Tensor:
 
 
 class _AllReduceGrad(Function):
-    """Identity forward, gradient summed over the tensor group in backward: the mtp region entry,
-    and the replicated parameters (norms, row bias) whose gradients are partial under sp."""
+    """Identity forward, gradient summed over the tensor group (or ``group``) in backward: the mtp
+    region entry, and the replicated parameters (norms, row bias) whose gradients are partial
+    under sp (under isp: over the weight group)."""
 
     @staticmethod
-    def forward(ctx: Any, x: Tensor, comm: Comm) -> Tensor:
-        ctx.comm = comm
+    def forward(ctx: Any, x: Tensor, comm: Comm, group: str = GROUP) -> Tensor:
+        ctx.comm, ctx.group = comm, group
         return x.view_as(x)
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple:
-        return all_reduce(ctx.comm, grad), None
+        return all_reduce(ctx.comm, grad, group=ctx.group), None, None
 
 
 class _ReduceFromTP(Function):
@@ -277,13 +278,15 @@ class RowParallelLinear(nn.Linear):
 
 
 class SequenceParallelRMSNorm(RMSNorm):
-    """RMSNorm on the local tokens; the weight gradient is summed over the tensor group."""
+    """RMSNorm on the local tokens; the weight gradient is summed over the tensor group (isp: the
+    weight group, ``group``)."""
 
     tp: TPContext
+    group: str = GROUP
 
     def forward(self, x: Tensor) -> Tensor:
         """Normalise the last dimension (fp32 math, as :class:`RMSNorm`)."""
-        weight = _AllReduceGrad.apply(self.weight, self.tp.comm)
+        weight = _AllReduceGrad.apply(self.weight, self.tp.comm, self.group)
         return F.rms_norm(x.float(), weight.shape, weight.float(), self.eps).to(x.dtype)
 
 

@@ -15,13 +15,17 @@ back to back), so optimizer-state bytes per rank are exactly ``total / zero1`` p
 
 One step (gradients were accumulated over ``micro_num`` backward passes without communication):
 
-1. per bucket, **reduce-scatter** (AVG) the flat gradient (model dtype) inside the zero1 group,
-   then **all-reduce** (AVG) the shard across zero1 replicas (data ranks holding the same shard) —
-   together an average over the whole data-parallel group (with ``zero1 == 1`` only the all-reduce
-   over data parallel remains).  With ``overlap_sync_grad`` a bucket's first collective starts
-   asynchronously from a post-accumulate-grad hook as soon as the last micro-step's backward has
-   produced all its gradients; ``step`` waits for it;
-2. global gradient norm: local sum of squares, SUM-all-reduced over the zero1 and tensor groups;
+1. per bucket, **reduce-scatter** (SUM) the flat gradient (model dtype) inside the zero1 group,
+   then **all-reduce** (SUM) the shard across zero1 replicas (data ranks holding the same shard),
+   and divide by the data-parallel size — an average over data parallel (with ``zero1 == 1`` only
+   the all-reduce over data parallel remains).  Under isp the zero1 groups cut ``weight_data``
+   (``wdp = W / wp`` ranks, not ``dp = W / sp``): the sum then covers every token of the step
+   once, and dividing by ``dp`` (not ``wdp``) keeps it the average over data-parallel replicas.
+   With ``overlap_sync_grad`` a bucket's first collective starts asynchronously from a
+   post-accumulate-grad hook as soon as the last micro-step's backward has produced all its
+   gradients; ``step`` waits for it;
+2. global gradient norm: local sum of squares, SUM-all-reduced over the zero1 and tensor (isp:
+   weight) groups;
 3. non-finite norm -> skip the update on every rank (all ranks see the same norm) and back off the
    loss scale; otherwise unscale and clip, AdamW on the master shard;
 4. per bucket, **all-gather** the updated shard (model dtype) inside the zero1 group into the
@@ -155,7 +159,7 @@ class ShardedAdamW:
                     sq *= weight[start: start + _NORM_PIECE]
                 total += sq.sum(dtype=torch.float64)
         self.comm.all_reduce(total, "zero1")
-        self.comm.all_reduce(total, "tensor")
+        self.comm.all_reduce(total, self.layout.shard_group)
         value = total.item()
         return math.sqrt(value) if math.isfinite(value) else value
 
@@ -354,8 +358,10 @@ class HybridZeroOptimizer(ShardedAdamW):
         return out
 
     def _build_norm_weight(self) -> Optional[torch.Tensor]:
-        """Tensor-replicated params would be counted ``tp`` times in the norm: count them once."""
-        if self.layout.tensor == 1 or self.layout.tp_rank == 0:
+        """Params replicated over the shard group (tensor; isp: weight) would be counted once per
+        shard-group rank in the norm: count them once."""
+        group = self.layout.shard_group
+        if self.layout.size(group) == 1 or self.layout.rank_in(group) == 0:
             return None
         weights = [torch.full((n,), 1.0 if is_tensor_sharded(p) else 0.0)
                    for p, n in zip(self.params, self.numels)]
@@ -383,12 +389,12 @@ class HybridZeroOptimizer(ShardedAdamW):
         """Start averaging bucket ``b``: reduce-scatter in zero1 (all-reduce when zero1 == 1)."""
         flat = self._bucket_flat(b, self._bucket_grads(b), b.dtype, self._grad_target(b))
         if self.layout.zero1 == 1:
-            b.buffers, b.work = [flat], self.comm.all_reduce(flat, "zero1_replica", op="avg",
+            b.buffers, b.work = [flat], self.comm.all_reduce(flat, "zero1_replica", op="sum",
                                                              async_op=True)
         else:
             shard = flat.new_empty(b.shard)
             b.buffers = [flat, shard]
-            b.work = self.comm.reduce_scatter(shard, flat, "zero1", op="avg", async_op=True)
+            b.work = self.comm.reduce_scatter(shard, flat, "zero1", op="sum", async_op=True)
 
     def _bucket_grads(self, b: Bucket) -> list[torch.Tensor]:
         """Per-parameter gradients of bucket ``b`` (zeros where a parameter got none)."""
@@ -406,9 +412,9 @@ class HybridZeroOptimizer(ShardedAdamW):
             b.work.wait()
         shard = b.buffers[-1]
         if self.layout.zero1 > 1:
-            self.comm.all_reduce(shard, "zero1_replica", op="avg")
+            self.comm.all_reduce(shard, "zero1_replica", op="sum")
         b.buffers, b.work = [], None
-        return shard.float()
+        return shard.float().div_(self.layout.data)
 
     def reduce_gradients(self) -> list[torch.Tensor]:
         """Average gradients over data parallel; returns this rank's fp32 gradient shard."""

@@ -1,0 +1,214 @@
+"""Intern sequence parallel + weight parallel on real gloo processes equals one process.
+
+One spawn per world size runs every case.  Each case builds the model with the reference's seed,
+runs one packed row forward and backward on every rank (the same row on every data rank), and
+returns the full logits (gathered over the sequence), the loss and every gradient gathered to full
+shape and summed over ``weight_data`` (what the ZeRO step sums) divided by dp; they must match
+the single-process reference within 1e-5 (fp32).  The same spawn counts one block's collectives
+and compares them with numbers worked out here from the shapes.  Training cases run the trainer
+for 10 steps and compare per-step losses with one process; the first saves a checkpoint that one
+process loads.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+from test_tensor_parallel import (
+    CU,
+    SEED,
+    SEQ,
+    assert_equal,
+    full,
+    reference,
+    row,
+    tiny_config,
+    train_config,
+    train_losses,
+)
+
+from internevo.config import ConfigError, TrainConfig
+from internevo.models.layers import ffn_hidden
+from internevo.parallel.apply import build_loss, parallelize
+from internevo.parallel.comm import Comm
+from internevo.parallel.layout import ParallelLayout, enumerate_groups
+from internevo.parallel.spawn import spawn_ranks
+from internevo.parallel.tensor import gather_dim
+
+STEPS = 10
+WIDE = dict(num_attention_heads=8, num_kv_attention_heads=4)  # GQA that sp=4 can split
+
+
+def isp_config(model_type: str, sp: int, wp: int, overlap: bool = False, **kw) -> TrainConfig:
+    """The tensor-parallel tests' tiny model under ``tensor.mode="isp"`` and ``weight.size=wp``."""
+    cfg = tiny_config(model_type, sp, "isp", **kw)
+    cfg.parallel.weight.size, cfg.parallel.weight.overlap = wp, overlap
+    return cfg
+
+
+def run_case(cfg: TrainConfig, layout: ParallelLayout, comm: Comm) -> dict:
+    """Forward + backward of one row; full logits, loss, full gradients as one process has them."""
+    model = parallelize(cfg, layout, comm, torch.device("cpu"), SEED)
+    ids, labels, pos = row()
+    logits = model(ids, cu_seqlens=torch.tensor(CU, dtype=torch.int32), indexes=pos)
+    loss = build_loss(cfg, layout, comm)(logits, labels)
+    loss.backward()
+    grads = {}
+    for name, p in model.named_parameters():
+        g = full(p.grad)
+        if layout.weight_data > 1:
+            dist.all_reduce(g, group=layout.group("weight_data"))
+        grads[name] = g / layout.data
+    logits = gather_dim(comm, logits.detach(), 1)
+    return {"logits": logits, "loss": loss.item(), "grads": grads,
+            "block_comm": block_collectives(model, comm)}
+
+
+def block_collectives(model: torch.nn.Module, comm: Comm) -> dict:
+    """Counted (calls, bytes) per (kind, group) of one block's forward + backward."""
+    ids, _, pos = row()
+    x = model.get_submodule(model.embedding_attr)(ids).detach().requires_grad_()
+    ctx = model.forward_context(x, torch.tensor(CU, dtype=torch.int32), pos)
+    comm.reset()
+    model.transformer_blocks()[0](x, ctx).sum().backward()
+    return {k: (comm.calls[k], comm.bytes[k]) for k in comm.bytes}
+
+
+def expected_block_collectives(cfg: TrainConfig, sp: int, wp: int) -> dict:
+    """One block's collectives, from the shapes (fp32, 4 bytes): each of the five linears'
+    weight (+ bias) gathered in forward and in backward and its gradient reduce-scattered; q, k,
+    v in one all-to-all and the attention output in another, both ways; two norm gradients."""
+    m = cfg.model
+    h, heads, kv = m.hidden_size, m.num_attention_heads, cfg.num_kv_heads
+    d, f = h // heads, ffn_hidden(h, m.mlp_ratio, m.multiple_of)
+    if cfg.model_type == "INTERNLM":  # Wqkv [3h, h] + bias, out_proj [h, h] + bias
+        attn = (3 * h * h + 3 * h) + (h * h + h)
+    else:  # wqkv [(H + 2 KV) d, h], wo [h, H d]
+        attn = (heads + 2 * kv) * d * h + h * heads * d
+    weights = 4 * (attn + 3 * h * f)
+    out = {}
+    if wp > 1:
+        out[("all_gather", "weight")] = (10, 2 * weights)
+        out[("reduce_scatter", "weight")] = (5, weights)
+        out[("all_reduce", "weight")] = (2, 2 * 4 * h)
+    if sp > 1:
+        tokens = SEQ // sp
+        out[("all_to_all", "tensor")] = (4, 2 * 4 * tokens * d * ((heads + 2 * kv) + heads))
+    return out
+
+
+CASES = {  # world -> [(model_type, sp, wp, overlap, model overrides)]
+    2: [("INTERNLM2_PUBLIC", 2, 1, False, {}), ("INTERNLM2_PUBLIC", 2, 2, True, {}),
+        ("INTERNLM", 2, 2, False, {}), ("INTERNLM", 1, 2, True, {})],
+    4: [("INTERNLM2_PUBLIC", 2, 2, True, {}), ("INTERNLM", 2, 1, False, {}),
+        ("INTERNLM2_PUBLIC", 4, 4, True, WIDE), ("INTERNLM", 4, 2, False, {})],
+}
+TRAIN = {  # world -> [(model_type, sp, wp, overlap, activation checkpointing)]
+    2: [("INTERNLM2_PUBLIC", 2, 2, True, False)],
+    4: [("INTERNLM2_PUBLIC", 2, 2, True, False), ("INTERNLM", 2, 4, False, True)],
+}
+
+
+def train_isp(case: tuple, rank: int, world: int, save: str) -> tuple[list, dict]:
+    """``STEPS`` trainer steps of ``case``; the losses and the final full weights."""
+    model_type, sp, wp, overlap, ckpt = case
+    cfg = train_config(model_type, sp, "isp", save)
+    cfg.parallel.weight.size, cfg.parallel.weight.overlap = wp, overlap
+    cfg.model.checkpoint = ckpt
+    with tempfile.TemporaryDirectory() as run_dir:
+        trainer, losses = train_losses(cfg, rank, world, Path(run_dir))
+        if save:
+            trainer.ckpt.save()
+            trainer.ckpt.wait()
+    return losses, {n: full(p) for n, p in trainer.model.named_parameters()}
+
+
+def isp_rank_main(rank: int, world: int, save_root: str) -> dict:
+    """Every equality case, then the training cases (the first saves a checkpoint)."""
+    out: dict = {"cases": [], "train": []}
+    for model_type, sp, wp, overlap, kw in CASES[world]:
+        cfg = isp_config(model_type, sp, wp, overlap, **kw)
+        layout = ParallelLayout.from_config(cfg, world, rank).build_groups()
+        out["cases"].append(run_case(cfg, layout, Comm(layout)))
+    for i, case in enumerate(TRAIN[world]):
+        out["train"].append(train_isp(case, rank, world, save_root if i == 0 else ""))
+    return out
+
+
+@pytest.fixture(scope="module", params=[2, 4], ids=["world2", "world4"])
+def spawned(request, tmp_path_factory) -> tuple[int, list, Path]:
+    save_root = tmp_path_factory.mktemp(f"isp_ckpt{request.param}")
+    return request.param, spawn_ranks(isp_rank_main, request.param, str(save_root),
+                                      timeout=600), save_root
+
+
+def test_isp_equals_single_process(spawned) -> None:
+    world, results, _ = spawned
+    for index, (model_type, *_, kw) in enumerate(CASES[world]):
+        ref = reference(model_type, 0.0, **kw)
+        for rank_results in results:
+            assert_equal(rank_results["cases"][index], ref)
+
+
+def test_isp_block_collectives_match_shapes(spawned) -> None:
+    world, results, _ = spawned
+    for index, (model_type, sp, wp, _, kw) in enumerate(CASES[world]):
+        expected = expected_block_collectives(isp_config(model_type, sp, wp, **kw), sp, wp)
+        for rank_results in results:
+            assert rank_results["cases"][index]["block_comm"] == expected, CASES[world][index]
+
+
+def test_isp_training_equals_single_process(spawned, tmp_path) -> None:
+    world, results, _ = spawned
+    for index, (model_type, *_rest) in enumerate(TRAIN[world]):
+        _, ref_losses = train_losses(train_config(model_type, 1, "mtp"), 0, 1, tmp_path)
+        for rank_results in results:
+            losses, _ = rank_results["train"][index]
+            assert losses == pytest.approx(ref_losses, rel=1e-5)
+
+
+def test_isp_checkpoint_loads_into_one_process(spawned, tmp_path) -> None:
+    from internevo.train.checkpoint import parse_load_info
+    from internevo.train.trainer import Trainer
+
+    world, results, save_root = spawned
+    model_type = TRAIN[world][0][0]
+    trainer = Trainer(train_config(model_type, 1, "mtp"), ParallelLayout(),
+                      Comm(ParallelLayout()), torch.device("cpu"), tmp_path)
+    request = {"path": f"local:{save_root / str(STEPS)}", "content": ("model",)}
+    trainer.ckpt.load(parse_load_info(request))
+    _, weights = results[0]["train"][0]
+    for name, p in trainer.model.named_parameters():
+        assert torch.equal(p.detach(), weights[name]), name
+
+
+# ------------------------------------------------------------------------------------------
+# layout (no processes)
+
+
+def test_isp_groups_follow_spec_example() -> None:
+    """W=32, sp=4, wp=8, zero1=2 (spec §3.1): weight blocks of 8, weight-data stride 8."""
+    lay = ParallelLayout(world_size=32, rank=0, tensor=4, zero1=2, tensor_mode="isp", weight=8)
+    assert enumerate_groups(lay, "weight")[:2] == [list(range(8)), list(range(8, 16))]
+    assert enumerate_groups(lay, "weight_data")[:2] == [[0, 8, 16, 24], [1, 9, 17, 25]]
+    assert enumerate_groups(lay, "zero1")[:3] == [[0, 8], [1, 9], [2, 10]]
+    assert [16, 24] in enumerate_groups(lay, "zero1")
+    assert enumerate_groups(lay, "zero1_replica")[0] == [0, 16]
+    assert enumerate_groups(lay, "tensor")[0] == [0, 1, 2, 3]
+    assert enumerate_groups(lay, "data")[0] == [0, 4, 8, 12, 16, 20, 24, 28]
+
+
+@pytest.mark.parametrize("kw, sp, wp, world, message", [
+    ({}, 4, 1, 4, "num_kv_attention_heads=2"),
+    (dict(vocab_size=66), 2, 4, 4, "vocab_size=66"),
+    ({}, 1, 3, 3, "hidden_size=32"),
+    ({}, 2, 4, 6, "world size 6 is not divisible by weight.size*pipeline.size = 4*1"),
+])
+def test_isp_sizes_are_checked(kw, sp, wp, world, message) -> None:
+    cfg = isp_config("INTERNLM2_PUBLIC", sp, wp, **kw)
+    with pytest.raises(ConfigError, match=message.replace("*", r"\*")):
+        ParallelLayout.from_config(cfg, world, 0)
