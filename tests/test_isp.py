@@ -23,6 +23,7 @@ from test_tensor_parallel import (
     SEED,
     SEQ,
     assert_equal,
+    block_collectives,
     full,
     reference,
     row,
@@ -66,16 +67,6 @@ def run_case(cfg: TrainConfig, layout: ParallelLayout, comm: Comm) -> dict:
     logits = gather_dim(comm, logits.detach(), 1)
     return {"logits": logits, "loss": loss.item(), "grads": grads,
             "block_comm": block_collectives(model, comm)}
-
-
-def block_collectives(model: torch.nn.Module, comm: Comm) -> dict:
-    """Counted (calls, bytes) per (kind, group) of one block's forward + backward."""
-    ids, _, pos = row()
-    x = model.get_submodule(model.embedding_attr)(ids).detach().requires_grad_()
-    ctx = model.forward_context(x, torch.tensor(CU, dtype=torch.int32), pos)
-    comm.reset()
-    model.transformer_blocks()[0](x, ctx).sum().backward()
-    return {k: (comm.calls[k], comm.bytes[k]) for k in comm.bytes}
 
 
 def expected_block_collectives(cfg: TrainConfig, sp: int, wp: int) -> dict:
