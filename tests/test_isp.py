@@ -33,7 +33,7 @@ from test_tensor_parallel import (
 )
 
 from internevo.config import ConfigError, TrainConfig
-from internevo.models.layers import ffn_hidden
+from internevo.models.common import ffn_hidden
 from internevo.parallel.apply import build_loss, parallelize
 from internevo.parallel.comm import Comm
 from internevo.parallel.layout import ParallelLayout, enumerate_groups
@@ -163,7 +163,7 @@ def test_isp_training_equals_single_process(spawned, tmp_path) -> None:
 
 
 def test_isp_checkpoint_loads_into_one_process(spawned, tmp_path) -> None:
-    from internevo.train.checkpoint import parse_load_info
+    from internevo.checkpoint.manager import parse_load_info
     from internevo.train.trainer import Trainer
 
     world, results, save_root = spawned

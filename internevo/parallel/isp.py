@@ -7,7 +7,8 @@ right after it (:class:`UlyssesExchange`, plugged into the blocks through
 ``ForwardContext.exchange``).  ``cu_seqlens`` stay global (attention never crosses a document);
 the RoPE tables are built for the full row and sliced with the sequence.
 
-Every linear (the output head included) and the embedding store a ``[out/wp, in]`` row block of
+Every linear of the model spec's per-block list (``tp_plan.block_linears()``), the output head
+and the embedding store a ``[out/wp, in]`` row block of
 their weight (and bias): a ``Shard(0)`` DTensor on the ``weight`` mesh (``wp =
 parallel.weight.size``), so checkpoints and initialisation are layout-independent as under tensor
 parallel.  :class:`WeightParallel` all-gathers a module's full weight just before its forward and
@@ -42,7 +43,9 @@ from torch import Tensor, nn
 from torch.autograd import Function
 
 from internevo.config import TrainConfig
-from internevo.models.layers import RMSNorm
+from internevo.models.common import RMSNorm
+from internevo.models.loss import IGNORE_INDEX, lm_loss, token_stats
+from internevo.models.registry import get_spec
 from internevo.parallel.comm import Comm
 from internevo.parallel.layout import ParallelLayout
 from internevo.parallel.tensor import (
@@ -53,7 +56,6 @@ from internevo.parallel.tensor import (
     all_reduce,
     split_dim,
 )
-from internevo.train.loss import IGNORE_INDEX, lm_loss, token_stats
 
 SEQ = "tensor"
 """The sequence-parallel group (isp reuses the tensor group)."""
@@ -289,15 +291,16 @@ def apply_isp(model: nn.Module, cfg: TrainConfig, layout: ParallelLayout, comm: 
     """Shard ``model`` (built for one device) in place for ``tensor.mode="isp"``."""
     if not layout.isp:
         return model
+    plan = get_spec(cfg.model_type).tp_plan
     tp = TPContext(comm, "isp", layout.device_mesh(device_type)[WEIGHT])
     wp = WeightParallel(comm, cfg.parallel.weight.overlap)
     for block in model.transformer_blocks():
-        linears = [m for m in block.modules() if type(m) is nn.Linear]
+        linears = [block.get_submodule(name) for name in plan.block_linears()]
         for m in linears:
             _weight_parallel(m, WeightParallelLinear, tp, wp)
         wp.add_unit(linears)
-    _weight_parallel(model.get_submodule(model.head_attr), WeightParallelLinear, tp, wp)
-    _weight_parallel(model.get_submodule(model.embedding_attr), WeightParallelEmbedding, tp, wp)
+    _weight_parallel(model.get_submodule(plan.head), WeightParallelLinear, tp, wp)
+    _weight_parallel(model.get_submodule(plan.embedding), WeightParallelEmbedding, tp, wp)
     for module in model.modules():
         if type(module) is RMSNorm:
             _swap(module, SequenceParallelRMSNorm, tp, {})

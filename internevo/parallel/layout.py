@@ -203,7 +203,7 @@ class ParallelLayout:
 
 def _weight_data_size(cfg: TrainConfig, world_size: int, where: str) -> int:
     """``wdp = W / (pp * wp)`` after checking that ``wp`` cuts the world and every weight."""
-    from internevo.models.layers import ffn_hidden
+    from internevo.models.common import ffn_hidden
 
     wp, pp, m = cfg.parallel.weight.size, cfg.parallel.pipeline.size, cfg.model
     if world_size % (wp * pp):
