@@ -7,7 +7,7 @@ shape and summed over ``weight_data`` (what the ZeRO step sums) divided by dp; t
 the single-process reference within 1e-5 (fp32).  The same spawn counts one block's collectives
 and compares them with numbers worked out here from the shapes.  Training cases run the trainer
 for 10 steps and compare per-step losses with one process; the first saves a checkpoint that one
-process loads.
+process loads, and the spawn loads a single-process checkpoint into an isp layout.
 """
 
 from __future__ import annotations
@@ -118,8 +118,24 @@ def train_isp(case: tuple, rank: int, world: int, save: str) -> tuple[list, dict
     return losses, {n: full(p) for n, p in trainer.model.named_parameters()}
 
 
+def load_into_isp(case: tuple, rank: int, world: int, folder: str) -> dict:
+    """Full weights of an isp trainer after loading the model from ``folder``."""
+    from internevo.checkpoint.manager import parse_load_info
+    from internevo.train.trainer import Trainer
+
+    model_type, sp, wp, overlap, _ = case
+    cfg = train_config(model_type, sp, "isp")
+    cfg.parallel.weight.size, cfg.parallel.weight.overlap = wp, overlap
+    layout = ParallelLayout.from_config(cfg, world, rank).build_groups()
+    with tempfile.TemporaryDirectory() as run_dir:
+        trainer = Trainer(cfg, layout, Comm(layout), torch.device("cpu"), Path(run_dir))
+        trainer.ckpt.load(parse_load_info({"path": f"local:{folder}", "content": ("model",)}))
+    return {n: full(p) for n, p in trainer.model.named_parameters()}
+
+
 def isp_rank_main(rank: int, world: int, save_root: str) -> dict:
-    """Every equality case, then the training cases (the first saves a checkpoint)."""
+    """Every equality case, then the training cases (the first saves a checkpoint), then a
+    single-process checkpoint loaded into the first training case's layout."""
     out: dict = {"cases": [], "train": []}
     for model_type, sp, wp, overlap, kw in CASES[world]:
         cfg = isp_config(model_type, sp, wp, overlap, **kw)
@@ -127,18 +143,28 @@ def isp_rank_main(rank: int, world: int, save_root: str) -> dict:
         out["cases"].append(run_case(cfg, layout, Comm(layout)))
     for i, case in enumerate(TRAIN[world]):
         out["train"].append(train_isp(case, rank, world, save_root if i == 0 else ""))
+    out["loaded"] = load_into_isp(TRAIN[world][0], rank, world,
+                                  str(Path(save_root) / "one" / str(STEPS)))
     return out
 
 
 @pytest.fixture(scope="module", params=[2, 4], ids=["world2", "world4"])
-def spawned(request, tmp_path_factory) -> tuple[int, list, Path]:
-    save_root = tmp_path_factory.mktemp(f"isp_ckpt{request.param}")
-    return request.param, spawn_ranks(isp_rank_main, request.param, str(save_root),
-                                      timeout=600), save_root
+def spawned(request, tmp_path_factory) -> tuple[int, list, Path, tuple]:
+    """The spawn's results, its save folder and the single-process run of the first training
+    case (losses, final weights; saved under ``one/``) that the spawn loads."""
+    world = request.param
+    save_root = tmp_path_factory.mktemp(f"isp_ckpt{world}")
+    cfg = train_config(TRAIN[world][0][0], 1, "mtp", str(save_root / "one"))
+    with tempfile.TemporaryDirectory() as run_dir:
+        trainer, losses = train_losses(cfg, 0, 1, Path(run_dir))
+        trainer.ckpt.save()
+        trainer.ckpt.wait()
+    one = (losses, {n: full(p) for n, p in trainer.model.named_parameters()})
+    return world, spawn_ranks(isp_rank_main, world, str(save_root), timeout=600), save_root, one
 
 
 def test_isp_equals_single_process(spawned) -> None:
-    world, results, _ = spawned
+    world, results, *_ = spawned
     for index, (model_type, *_, kw) in enumerate(CASES[world]):
         ref = reference(model_type, 0.0, **kw)
         for rank_results in results:
@@ -146,7 +172,7 @@ def test_isp_equals_single_process(spawned) -> None:
 
 
 def test_isp_block_collectives_match_shapes(spawned) -> None:
-    world, results, _ = spawned
+    world, results, *_ = spawned
     for index, (model_type, sp, wp, _, kw) in enumerate(CASES[world]):
         expected = expected_block_collectives(isp_config(model_type, sp, wp, **kw), sp, wp)
         for rank_results in results:
@@ -154,9 +180,10 @@ def test_isp_block_collectives_match_shapes(spawned) -> None:
 
 
 def test_isp_training_equals_single_process(spawned, tmp_path) -> None:
-    world, results, _ = spawned
+    world, results, _, one = spawned
     for index, (model_type, *_rest) in enumerate(TRAIN[world]):
-        _, ref_losses = train_losses(train_config(model_type, 1, "mtp"), 0, 1, tmp_path)
+        ref_losses = one[0] if index == 0 else train_losses(
+            train_config(model_type, 1, "mtp"), 0, 1, tmp_path)[1]
         for rank_results in results:
             losses, _ = rank_results["train"][index]
             assert losses == pytest.approx(ref_losses, rel=1e-5)
@@ -166,7 +193,7 @@ def test_isp_checkpoint_loads_into_one_process(spawned, tmp_path) -> None:
     from internevo.checkpoint.manager import parse_load_info
     from internevo.train.trainer import Trainer
 
-    world, results, save_root = spawned
+    world, results, save_root, _ = spawned
     model_type = TRAIN[world][0][0]
     trainer = Trainer(train_config(model_type, 1, "mtp"), ParallelLayout(),
                       Comm(ParallelLayout()), torch.device("cpu"), tmp_path)
@@ -175,6 +202,14 @@ def test_isp_checkpoint_loads_into_one_process(spawned, tmp_path) -> None:
     _, weights = results[0]["train"][0]
     for name, p in trainer.model.named_parameters():
         assert torch.equal(p.detach(), weights[name]), name
+
+
+def test_single_process_checkpoint_loads_into_isp(spawned) -> None:
+    *_, (_, weights) = spawned
+    for rank_results in spawned[1]:
+        assert rank_results["loaded"].keys() == weights.keys()
+        for name, w in weights.items():
+            assert torch.equal(rank_results["loaded"][name], w), name
 
 
 # ------------------------------------------------------------------------------------------
