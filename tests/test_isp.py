@@ -100,7 +100,7 @@ CASES = {  # world -> [(model_type, sp, wp, overlap, model overrides)]
 }
 TRAIN = {  # world -> [(model_type, sp, wp, overlap, activation checkpointing)]
     2: [("INTERNLM2_PUBLIC", 2, 2, True, False)],
-    4: [("INTERNLM2_PUBLIC", 2, 2, True, False), ("INTERNLM", 2, 4, False, True)],
+    4: [("INTERNLM2_PUBLIC", 2, 2, True, False), ("INTERNLM", 2, 4, True, True)],
 }
 
 
@@ -202,6 +202,20 @@ def test_isp_checkpoint_loads_into_one_process(spawned, tmp_path) -> None:
     _, weights = results[0]["train"][0]
     for name, p in trainer.model.named_parameters():
         assert torch.equal(p.detach(), weights[name]), name
+
+
+def test_isp_checkpoint_exports_to_hf(spawned, tmp_path) -> None:
+    from internevo.convert import hf_folder
+
+    world, results, save_root, _ = spawned
+    sd, cfg = hf_folder.load_model_state_for_export(save_root / str(STEPS))
+    _, weights = results[0]["train"][0]
+    assert sd.keys() == weights.keys()
+    hf_folder.export_hf(sd, cfg, tmp_path / "hf", None, "llama", torch.float32)
+    back, _ = hf_folder.load_hf(tmp_path / "hf")
+    assert back.keys() == weights.keys()
+    for name, w in weights.items():
+        assert torch.equal(back[name], w), name
 
 
 def test_single_process_checkpoint_loads_into_isp(spawned) -> None:
