@@ -44,6 +44,7 @@ def run_train(args: argparse.Namespace) -> list[dict]:
         seed_everything,
         shutdown,
     )
+    from internevo.models.attention import describe_backend
     from internevo.parallel.comm import Comm
     from internevo.parallel.layout import ParallelLayout
     from internevo.train.trainer import Trainer, run_dir_for
@@ -61,6 +62,8 @@ def run_train(args: argparse.Namespace) -> list[dict]:
     if layout.is_log_rank:
         print(f"[internevo] {cfg.JOB_NAME}: {layout.describe()} | device {device} | "
               f"run dir {run_dir}")
+        m = cfg.model
+        print(f"[internevo] {describe_backend(device, m.use_flash_attn, m.attn_drop_rate)}")
     trainer = Trainer(cfg, layout, comm, device, run_dir, args.seed)
     if args.profiling == "memory":
         from internevo.profiling.memory import attach_memory_profiler

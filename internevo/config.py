@@ -143,8 +143,8 @@ class ModelConfig:
     layer_norm_epsilon: float = 1e-5
     """Epsilon of the norms."""
     use_flash_attn: bool = True
-    """Use flash-attn's varlen kernel when installed and on a GPU (else SDPA per segment).
-    """
+    """On a GPU, use a varlen kernel for packed rows: PyTorch's ``varlen_attn`` (torch >= 2.10),
+    else flash-attn's when installed; ``False`` (or a CPU) runs SDPA per segment."""
     num_chunks: int = 1
     """Model chunks per pipeline stage (>1 = interleaved schedule)."""
     apply_post_layer_norm: bool = False

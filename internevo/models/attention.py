@@ -1,4 +1,9 @@
-"""Packed causal attention: flash-attn varlen on GPU, SDPA looped over segments otherwise.
+"""Packed causal attention: a varlen kernel on GPU, SDPA looped over segments otherwise.
+
+On CUDA the backend is chosen automatically (:func:`attention_backend`), in this order:
+PyTorch's own ``torch.nn.attention.varlen.varlen_attn`` (torch >= 2.10, no extra package),
+flash-attn's ``flash_attn_varlen_func`` when installed, SDPA per segment otherwise.  On CPU it is
+always SDPA per segment.
 
 Tensors are token-major (``[S, H, d]`` packed, ``[B, S, H, d]`` batched), the layout the QKV
 projection produces, so no transpose copies are needed before or after the kernel.  The number of
@@ -7,8 +12,10 @@ heads is read from the tensors, never from a config, so a tensor-parallel shard 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import inspect
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Union
 
 import torch
@@ -19,6 +26,19 @@ try:  # optional GPU kernel; everything works without it
     from flash_attn import flash_attn_varlen_func as _flash_varlen
 except ImportError:  # pragma: no cover - depends on the environment
     _flash_varlen = None
+
+try:  # PyTorch's own varlen kernel (torch >= 2.10)
+    from torch.nn.attention.varlen import varlen_attn as _torch_varlen
+except ImportError:  # pragma: no cover - depends on the torch version
+    _torch_varlen = None
+
+TORCH_VARLEN, FLASH_ATTN, SDPA = "torch_varlen", "flash_attn", "sdpa"
+DESCRIPTIONS = {
+    TORCH_VARLEN: "torch.nn.attention.varlen.varlen_attn (PyTorch's flash kernel)",
+    FLASH_ATTN: "flash_attn.flash_attn_varlen_func",
+    SDPA: "scaled_dot_product_attention per segment",
+}
+"""What each backend name stands for (the start-up log line)."""
 
 
 @dataclass(frozen=True, eq=False)  # eq would compare tensors; identity is what matters
@@ -69,13 +89,45 @@ def packed_causal_attention(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: CuSeqle
     With ``cu_seqlens`` (a :class:`Segments`, an int tensor or a list) ``q`` is ``[S, Hq, d]`` and
     ``k``/``v`` are ``[S, Hkv, d]``; without it they are ``[B, S, H, d]`` and every row is one
     causal sequence.  ``Hq`` must be a multiple of ``Hkv`` (grouped-query attention: query head
-    ``j`` reads KV head ``j // (Hq // Hkv)``).  Returns a tensor shaped like ``q``.
+    ``j`` reads KV head ``j // (Hq // Hkv)``).  ``use_flash=False`` forces SDPA.  Returns a tensor
+    shaped like ``q``.
     """
     p = dropout_p if training else 0.0
     if cu_seqlens is None:
         return _sdpa(q, k, v, p)
-    if _use_flash(q, use_flash):
+    backend = attention_backend(q.device, use_flash, p)
+    if backend == TORCH_VARLEN:
+        return _torch_varlen_packed(q, k, v, _as_segments(cu_seqlens, q.device))
+    if backend == FLASH_ATTN:
         return _flash_packed(q, k, v, _as_segments(cu_seqlens, q.device), p)
+    return _sdpa_packed(q, k, v, cu_seqlens, p)
+
+
+def attention_backend(device: torch.device, use_flash: bool = True,
+                      dropout_p: float = 0.0) -> str:
+    """Packed-attention backend on ``device``: ``torch_varlen``, ``flash_attn`` or ``sdpa``.
+
+    The varlen kernels need a CUDA device of compute capability 8.0 or newer; PyTorch's kernel
+    has no dropout, so attention dropout in training goes to flash-attn or SDPA.
+    """
+    if not use_flash or device.type != "cuda" or _cuda_capability(device) < (8, 0):
+        return SDPA
+    if _torch_varlen is not None and dropout_p == 0.0:
+        return TORCH_VARLEN
+    return FLASH_ATTN if _flash_varlen is not None else SDPA
+
+
+def describe_backend(device: torch.device, use_flash: bool = True, dropout_p: float = 0.0) -> str:
+    """One line naming the packed-attention backend on ``device`` (printed once at start)."""
+    return f"attention: {DESCRIPTIONS[attention_backend(device, use_flash, dropout_p)]} on {device}"
+
+
+def _cuda_capability(device: torch.device) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(device)
+
+
+def _sdpa_packed(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: CuSeqlens, p: float) -> Tensor:
+    """SDPA looped over the segments of one packed row."""
     bounds = cu_seqlens.bounds if isinstance(cu_seqlens, Segments) else _bounds(cu_seqlens)
     if bounds[-1] != q.shape[0]:
         raise ValueError(f"cu_seqlens ends at {bounds[-1]} but q has {q.shape[0]} tokens")
@@ -98,18 +150,46 @@ def _sdpa(q: Tensor, k: Tensor, v: Tensor, dropout_p: float) -> Tensor:
     return out.transpose(1, 2)
 
 
-def _use_flash(q: Tensor, use_flash: bool) -> bool:
-    return use_flash and _flash_varlen is not None and q.is_cuda
+def _half(q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """The flash kernels take fp16 / bf16 only: fp32 runs in bf16, as InternEvo does."""
+    if q.dtype in (torch.float16, torch.bfloat16):
+        return q, k, v
+    return q.to(torch.bfloat16), k.to(torch.bfloat16), v.to(torch.bfloat16)
 
 
 def _flash_packed(q: Tensor, k: Tensor, v: Tensor, seg: Segments, dropout_p: float) -> Tensor:
-    """flash-attn varlen (GQA handled by the kernel); fp32 runs in bf16 as InternEvo does."""
-    dtype = q.dtype
-    if dtype not in (torch.float16, torch.bfloat16):
-        q, k, v = (t.to(torch.bfloat16) for t in (q, k, v))
-    out = _flash_varlen(q, k, v, seg.cu_seqlens, seg.cu_seqlens, seg.max_seqlen, seg.max_seqlen,
-                        dropout_p, softmax_scale=q.shape[-1] ** -0.5, causal=True)
-    return out.to(dtype)
+    """flash-attn varlen (GQA handled by the kernel)."""
+    hq, hk, hv = _half(q, k, v)
+    out = _flash_varlen(hq, hk, hv, seg.cu_seqlens, seg.cu_seqlens, seg.max_seqlen,
+                        seg.max_seqlen, dropout_p, softmax_scale=q.shape[-1] ** -0.5, causal=True)
+    return out.to(q.dtype)
+
+
+def _torch_varlen_packed(q: Tensor, k: Tensor, v: Tensor, seg: Segments) -> Tensor:
+    """PyTorch's varlen_attn; its arguments changed across releases, see :func:`_varlen_kwargs`."""
+    hq, hk, hv = _half(q, k, v)
+    kwargs, native_gqa = _varlen_kwargs(_torch_varlen)
+    if hk.shape[1] != hq.shape[1]:
+        if native_gqa:
+            kwargs = {**kwargs, "enable_gqa": True}
+        else:  # torch 2.10-2.11: repeat each KV head for its group of query heads
+            group = hq.shape[1] // hk.shape[1]
+            hk, hv = hk.repeat_interleave(group, dim=1), hv.repeat_interleave(group, dim=1)
+    out = _torch_varlen(hq, hk, hv, seg.cu_seqlens, seg.cu_seqlens, seg.max_seqlen,
+                        seg.max_seqlen, **kwargs)
+    return out.to(q.dtype)
+
+
+@lru_cache(maxsize=4)
+def _varlen_kwargs(fn: Callable) -> tuple[dict, bool]:
+    """Causal keyword arguments of ``varlen_attn`` and whether it takes ``enable_gqa``.
+
+    torch 2.10 has ``is_causal``; later releases replaced it by ``window_size=(-1, 0)`` and added
+    ``enable_gqa`` (2.12).  The default scale is ``1/sqrt(d)`` in all of them.
+    """
+    params = inspect.signature(fn).parameters
+    causal = {"is_causal": True} if "is_causal" in params else {"window_size": (-1, 0)}
+    return causal, "enable_gqa" in params
 
 
 def _as_segments(cu_seqlens: CuSeqlens, device: torch.device) -> Segments:
