@@ -177,8 +177,10 @@ TP4_CASES = [("INTERNLM2_PUBLIC", "msp", dict(num_kv_attention_heads=4), 0.1),
 TRAIN_MODELS = (("INTERNLM2_PUBLIC", "msp"), ("INTERNLM", "fsp"))
 
 
-def train_config(model_type: str, tp: int, mode: str, save: str = "") -> TrainConfig:
-    """A 2-layer model on dummy data, clipping on, 4 rows per step."""
+def train_config(model_type: str, tp: int, mode: str, save: str = "",
+                 zero1: int | dict = -1) -> TrainConfig:
+    """A 2-layer model on dummy data, clipping on, 4 rows per step (``zero1``: the
+    ``parallel.zero1`` value)."""
     model = dict(num_layers=2, hidden_size=32, num_attention_heads=4, vocab_size=256,
                  multiple_of=16, dtype="torch.float32")
     if model_type == "INTERNLM2_PUBLIC":
@@ -189,7 +191,7 @@ def train_config(model_type: str, tp: int, mode: str, save: str = "") -> TrainCo
         adam=dict(lr=2e-3), lr_scheduler=dict(warmup_ratio=0.2), loss=dict(label_smoothing=0.1),
         hybrid_zero_optimizer=dict(clip_grad_norm=0.5), enable_tb=False,
         ckpt=dict(enable_save_ckpt=False, save_ckpt_folder=save or None),
-        parallel=dict(tensor=dict(size=tp, mode=mode), zero1=-1)))
+        parallel=dict(tensor=dict(size=tp, mode=mode), zero1=zero1)))
 
 
 @functools.cache

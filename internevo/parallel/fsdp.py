@@ -26,7 +26,7 @@ same clipping, overflow skipping, loss scaling and checkpoint format as ZeRO-1.5
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, Optional
 
 import torch
 from torch import nn
@@ -40,6 +40,7 @@ from internevo.models.init import init_weights
 from internevo.parallel.comm import Comm
 from internevo.parallel.layout import ParallelLayout
 from internevo.parallel.scaler import LossScaler
+from internevo.parallel.tensor import GROUP as TENSOR
 from internevo.parallel.zero import ShardedAdamW, local_tensor
 
 # ------------------------------------------------------------------------------------------
@@ -103,8 +104,8 @@ def fsdp_mesh(layout: ParallelLayout, device_type: str) -> Any:
 def shard_model(model: nn.Module, cfg: TrainConfig, layout: ParallelLayout, comm: Comm,
                 device: torch.device, seed: int) -> nn.Module:
     """``fully_shard`` a meta-device ``model`` (blocks, then root), materialise, initialise."""
-    if layout.tensor > 1 or layout.pipeline > 1:
-        raise NotImplementedError("parallel.zero1.fsdp with tensor or pipeline parallel is not "
+    if layout.pipeline > 1:
+        raise NotImplementedError("parallel.zero1.fsdp with pipeline parallel is not "
                                   "implemented yet")
     mesh = fsdp_mesh(layout, device.type)
     dtype = model_dtype(cfg)
@@ -158,20 +159,50 @@ def _round_to(model: nn.Module, dtype: torch.dtype) -> None:
 # the optimizer
 
 
+def tensor_placement(p: torch.Tensor) -> Optional[Any]:
+    """The placement of ``p`` on the ``tensor`` mesh dimension (None: not tensor-parallel)."""
+    mesh = getattr(p, "device_mesh", None)
+    names = (mesh.mesh_dim_names or ()) if mesh is not None else ()
+    return p.placements[names.index(TENSOR)] if TENSOR in names else None
+
+
+def tensor_local_shape(p: torch.Tensor, tp: int) -> tuple[int, ...]:
+    """Shape of the tensor-parallel shard of ``p`` (what FSDP2 cuts into zero1 chunks)."""
+    shape = list(p.shape)
+    placement = tensor_placement(p)
+    if placement is not None and placement.is_shard():
+        shape[placement.dim] //= tp  # the tensor split is exact (checked with the layout)
+    return tuple(shape)
+
+
 class FSDPOptimizer(ShardedAdamW):
     """AdamW on FSDP2's fp32 parameter shards, with ZeRO-1.5's clipping, scaler and checkpoints.
 
     The masters are the sharded parameters themselves (DTensors), so after an update there is
     nothing to gather: FSDP all-gathers the new values at the next forward.  Loading optimizer
-    state therefore also loads the weights.
+    state therefore also loads the weights.  Under tensor parallel the parameters are DTensors on
+    the ``(zero1, tensor)`` mesh (FSDP2 over the tensor-parallel DTensors): FSDP cuts dim 0 of
+    each tensor-parallel shard, and the checkpoint tensors are those tensor-parallel shards as
+    DTensors on the ``tensor`` mesh, exactly as :class:`~internevo.parallel.zero.
+    HybridZeroOptimizer` writes them.
     """
 
     def __init__(self, model: nn.Module, named_params: list[tuple[str, nn.Parameter]],
                  cfg: TrainConfig, layout: ParallelLayout, comm: Comm, scaler: LossScaler):
         super().__init__(named_params, [p for _, p in named_params], cfg, layout, comm, scaler)
         self.model = model
+        self.tp_shapes = [tensor_local_shape(p, layout.tensor) for p in self.params]
         # FSDP2 cuts dim 0 into zero1 chunks of ceil(dim0 / zero1) rows (the last ones shorter)
-        self.rows = [math.ceil(p.shape[0] / layout.zero1) for p in self.params]
+        self.rows = [math.ceil(shape[0] / layout.zero1) for shape in self.tp_shapes]
+        self.norm_weights = [self._norm_weight(p) for p in self.params]
+
+    def _norm_weight(self, p: torch.Tensor) -> Optional[torch.Tensor]:
+        """Parameters replicated over the tensor group count once in the norm (tensor rank 0)."""
+        placement = tensor_placement(p)
+        if self.layout.tensor == 1 or self.layout.tp_rank == 0 or (
+                placement is not None and placement.is_shard()):
+            return None
+        return torch.zeros(local_tensor(p).numel(), device=local_tensor(p).device)
 
     def start_micro_step(self, last: bool) -> None:
         """Reduce gradients only in the last micro-batch's backward."""
@@ -183,7 +214,7 @@ class FSDPOptimizer(ShardedAdamW):
 
     def _padded(self, i: int, t: torch.Tensor) -> torch.Tensor:
         """Parameter ``i``'s local shard ``t`` padded to ``rows[i]`` rows, flattened."""
-        flat = t.new_zeros((self.rows[i],) + tuple(self.params[i].shape[1:]))
+        flat = t.new_zeros((self.rows[i],) + self.tp_shapes[i][1:])
         flat[: t.shape[0]] = t
         return flat.reshape(-1)
 
@@ -194,17 +225,28 @@ class FSDPOptimizer(ShardedAdamW):
         full = mine.new_empty(self.layout.zero1, mine.numel())
         self.comm.all_gather(full.view(-1), mine, "zero1")
         out, start = [], 0
-        for p, rows in zip(self.params, self.rows):
-            width = rows * math.prod(p.shape[1:])
-            block = full[:, start: start + width].reshape((-1,) + tuple(p.shape[1:]))
-            out.append(block[: p.shape[0]].clone())
+        for p, shape, rows in zip(self.params, self.tp_shapes, self.rows):
+            width = rows * math.prod(shape[1:])
+            block = full[:, start: start + width].reshape((-1,) + shape[1:])
+            out.append(self._as_tensor_shard(p, block[: shape[0]].clone()))
             start += width
         return out
 
+    def _as_tensor_shard(self, p: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """A tensor-parallel shard ``t`` of ``p`` as a DTensor on the ``tensor`` mesh."""
+        placement = tensor_placement(p)
+        if placement is None or not placement.is_shard():
+            return t
+        from torch.distributed.tensor import DTensor
+
+        return DTensor.from_local(t, p.device_mesh[TENSOR], [placement], run_check=False,
+                                  shape=p.shape, stride=p.stride())
+
     def shard_full(self, fulls: list[torch.Tensor]) -> list[torch.Tensor]:
-        """This rank's rows of each full tensor (FSDP2's dim-0 chunks)."""
+        """This rank's rows of each full (tensor-parallel-local) tensor (FSDP2's dim-0 chunks)."""
         r = self.layout.zero1_rank
         return [full[r * rows: (r + 1) * rows] for full, rows in zip(fulls, self.rows)]
 
     def refresh_masters_from_params(self) -> None:
         """Nothing to do: the sharded parameters are the masters."""
+
