@@ -32,7 +32,8 @@ def analytic_step_bytes(cfg: Any, layout: ParallelLayout, shapes: dict[str, tupl
 
     ``shapes`` maps parameter names to full (tensor-parallel-local) shapes, ``blocks`` the module
     names of the transformer blocks (FSDP's units; the root owns the rest).  Assumes every
-    parameter is in the model dtype and tensor = pipeline = 1 for FSDP.
+    parameter is in the model dtype and pipeline = 1 for FSDP (FSDP x tensor parallel shards
+    the tensor-parallel-local shapes given here).
     """
     g = torch.empty(0, dtype=model_dtype(cfg)).element_size()
     zo, replicas = layout.zero1, layout.data // layout.zero1

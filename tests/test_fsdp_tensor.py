@@ -7,7 +7,8 @@ One spawn of 4 ranks runs, on the data of tests/test_tensor_parallel.py (fp32, c
 * FSDP x msp (InternLM v1, dp=2 x tp=2): 10 steps, and 5 more from the ZeRO-1.5 checkpoint.
 
 The tests compare every per-step loss with one process (relative error <= 1e-5), resume the
-FSDP x mtp checkpoint in one process, and check that each rank holds a quarter of the weights.
+FSDP x mtp checkpoint in one process, check that each rank holds a quarter of the weights, and
+that FSDP's counted bytes follow docs/parallel.md's formula on the tensor-parallel shards.
 """
 
 from __future__ import annotations
@@ -18,13 +19,14 @@ from pathlib import Path
 
 import pytest
 import torch
+from oracles import analytic_step_bytes
 from test_tensor_parallel import GLOBAL_ROWS, STEPS, global_batches, train_config
 
-from internevo.models.registry import build_model
+from internevo.checkpoint.manager import parse_load_info
+from internevo.models.build import build_model
 from internevo.parallel.comm import Comm
 from internevo.parallel.layout import ParallelLayout
 from internevo.parallel.spawn import spawn_ranks
-from internevo.train.checkpoint import parse_load_info
 from internevo.train.trainer import Trainer
 
 V1, V2 = "INTERNLM", "INTERNLM2_PUBLIC"
@@ -44,8 +46,9 @@ def train(trainer: Trainer, batches: list[dict]) -> list[float]:
     """One step per global batch on this data rank's rows; the losses."""
     per_rank = GLOBAL_ROWS // trainer.layout.data
     start = trainer.layout.dp_rank * per_rank
-    return [trainer.train_step({k: v[start:start + per_rank] for k, v in b.items()})["loss"]
-            for b in batches]
+    trainer.history = [trainer.train_step({k: v[start:start + per_rank] for k, v in b.items()})
+                       for b in batches]
+    return [r["loss"] for r in trainer.history]
 
 
 def resume(trainer: Trainer, folder: Path) -> Trainer:
@@ -70,6 +73,7 @@ def fsdp_tp_main(rank: int, world: int, root: str) -> dict:
     mtp.ckpt.wait()
     out["mtp"] += train(mtp, batches[HALF:])
     out["sharding"] = sharding(mtp.model)
+    out["zero1_bytes"] = {k: v for k, v in mtp.history[-1].items() if k.endswith("/zero1/bytes")}
     zero = make_trainer(train_config(V1, 1, "mtp", str(root / "zero"), 2), rank, world,
                         root / "run_zero")
     train(zero, batches[:HALF])
@@ -132,3 +136,29 @@ def test_fsdp_tp_shards_weights_over_data_and_tensor(four_rank) -> None:
         for name, dims in meshes.items():
             assert "zero1" in dims and ("tensor" in dims) == (full[name].dim() > 1), name
         assert rank_results["sharding"]["local"] <= bound
+
+
+# dims InternLM2's tensor-parallel plan splits (docs/parallel.md, "Tensor parallel: Parameters")
+TP_DIMS = {"tok_embeddings.weight": 0, "wqkv.weight": 0, "w1.weight": 0, "w3.weight": 0,
+           "output.weight": 0, "wo.weight": 1, "w2.weight": 1}
+
+
+def test_fsdp_tp_bytes_follow_the_formula_on_tensor_shards(four_rank) -> None:
+    """FSDP gathers and reduce-scatters the tensor-parallel shards (tp=2) over zero1: the bytes of
+    the last step are the FSDP formula with every split dimension halved."""
+    cfg = train_config(V2, 2, "mtp", zero1=FSDP)
+    model = build_model(train_config(V2, 1, "mtp"))
+    shapes = {}
+    for name, p in model.named_parameters():
+        shape = list(p.shape)
+        dim = next((d for suffix, d in TP_DIMS.items() if name.endswith(suffix)), None)
+        if dim is not None:
+            shape[dim] //= 2
+        shapes[name] = tuple(shape)
+    blocks = [n for n, m in model.named_modules() if m in model.transformer_blocks()]
+    expected = analytic_step_bytes(cfg, ParallelLayout.from_config(cfg, 4, 0), shapes, blocks,
+                                   micro_num=GLOBAL_ROWS // 2)
+    expected = {k: v for k, v in expected.items() if k.endswith("/zero1/bytes")}
+    assert len(expected) == 3  # all-gather, reduce-scatter, the gradient norm
+    for rank_results in four_rank[0]:
+        assert rank_results["zero1_bytes"] == expected
