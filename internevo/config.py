@@ -200,7 +200,8 @@ class ZeroConfig:
     size: int = -1
     """Ranks that share one copy of the optimizer states: -1 = all of data parallel, 1 = none."""
     fsdp: bool = False
-    """Shard parameters and gradients too, with PyTorch FSDP2 over the zero1 group."""
+    """Shard parameters and gradients too, with PyTorch FSDP2 over the zero1 group (with
+    ``tensor.size > 1``, mtp/msp/fsp: FSDP shards the tensor-parallel shards)."""
 
 
 @dataclass

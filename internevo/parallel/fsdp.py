@@ -3,7 +3,10 @@
 Wrapping (:func:`shard_model`): every transformer block and then the root get ``fully_shard`` over
 the zero1 group — a 1-D mesh when ``zero1 == dp``, else the 2-D HSDP mesh
 ``(zero1_replica, zero1)`` that shards inside zero1 groups and replicates across them (ZeRO-1.5's
-answer to cross-node traffic, now for parameters too).  The sharded parameters are fp32 and are
+answer to cross-node traffic, now for parameters too).  Under tensor parallel the parameters are
+already DTensors on the ``tensor`` mesh; FSDP2 then shards each tensor-parallel shard over zero1
+(parameters on the 2-D ``(zero1, tensor)`` mesh; docs/parallel.md, "FSDP × tensor parallel").
+The sharded parameters are fp32 and are
 the master weights; ``MixedPrecisionPolicy(param_dtype=model dtype, reduce_dtype=fp32)`` gathers
 them in the model dtype for compute and reduces gradients in fp32.  The model is built on the meta
 device, sharded, then materialised and initialised per parameter name from the seed, so the
