@@ -156,7 +156,8 @@ class ModelConfig:
     adapt_hf: bool = True
     """InternLM2: q/k features in Hugging Face's half-split order (False = interleaved order)."""
     norm_head: bool = False
-    """Only False is supported."""
+    """InternLM2: L2-normalise the output head's rows in every forward (the stored weight stays
+    raw; a Hugging Face export writes the normalised rows)."""
     rope_base: float = 10000
     """RoPE base ``theta``."""
     use_dynamic_ntk_rope: bool = False
@@ -493,7 +494,6 @@ _FROZEN_ONLY = {  # field -> the only supported value (accepted for compatibilit
     "model.norm_type": "rmsnorm",
     "model.apply_post_layer_norm": False,
     "model.residual_in_fp32": False,
-    "model.norm_head": False,
     "model.use_swiglu": True,
     "model.is_reward": False,
     "data.bucket_size": 0,

@@ -18,6 +18,7 @@ import re
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from internevo.config import TrainConfig, config_from_dict
@@ -75,6 +76,9 @@ def to_hf_state_dict(sd: dict[str, Tensor], cfg: TrainConfig, fmt: str) -> dict[
                 "the run's config")
     if spec.hf.to_hf_order is not None:
         sd = spec.hf.to_hf_order(sd, cfg)
+    if cfg.model.norm_head:  # HF has a plain head: write the rows the forward multiplies by
+        head = f"{spec.head_attr}.weight"
+        sd = {**sd, head: F.normalize(sd[head].float(), dim=-1).to(sd[head].dtype)}
     dims = Dims.of(cfg)
     out = {theirs: sd[ours] for ours, theirs in name_map(cfg, fmt).items()}
     for i in range(dims.layers):

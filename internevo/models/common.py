@@ -38,6 +38,27 @@ class RMSNorm(nn.Module):
         return out.to(x.dtype)
 
 
+def head_rows(module: nn.Module, weight: Tensor) -> Tensor:
+    """``weight`` as the output head ``module`` multiplies the hidden states by: rows L2-normalised
+    for a :class:`NormHead` (any shard that holds whole rows), unchanged otherwise."""
+    return F.normalize(weight, dim=-1) if getattr(module, "norm_rows", False) else weight
+
+
+class NormHead(nn.Linear):
+    """Output head with L2-normalised rows in every forward (InternEvo's ``norm_head``, from
+    Baichuan 2): a token's logit does not grow with the norm of its output embedding.  The
+    parameter stays the raw weight (what checkpoints hold); the flag is an instance attribute,
+    so it survives the tensor-parallel class swap (``ColumnParallelLinear.local_weight``)."""
+
+    def __init__(self, in_features: int, out_features: int) -> None:
+        super().__init__(in_features, out_features, bias=False)
+        self.norm_rows = True
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Logits against the normalised rows."""
+        return F.linear(x, head_rows(self, self.weight))
+
+
 class SwiGLU(nn.Module):
     """``w2(silu(w1 x) * w3 x)`` without biases (w2 is the down projection)."""
 
@@ -236,9 +257,10 @@ class CausalLM(nn.Module):
         return head(x) if head is not None and not return_hidden else x
 
     def head_weight(self) -> Optional[Tensor]:
-        """The output head's ``[V, h]`` weight (None on a pipeline stage without the head)."""
+        """The ``[V, h]`` matrix the head multiplies by (normalised rows for a :class:`NormHead`;
+        None on a pipeline stage without the head)."""
         head = getattr(self, self.head_attr)
-        return head.weight if head is not None else None
+        return head_rows(head, head.weight) if head is not None else None
 
     def forward_context(self, x: Tensor, cu_seqlens: CuSeqlens,
                         indexes: Optional[Tensor]) -> ForwardContext:

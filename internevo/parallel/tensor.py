@@ -37,7 +37,7 @@ from torch import Tensor, nn
 from torch.autograd import Function
 
 from internevo.config import ConfigError, TrainConfig
-from internevo.models.common import RMSNorm, ffn_hidden
+from internevo.models.common import RMSNorm, ffn_hidden, head_rows
 from internevo.models.loss import IGNORE_INDEX
 from internevo.models.registry import get_spec
 from internevo.parallel.comm import Comm
@@ -234,8 +234,8 @@ class ColumnParallelLinear(nn.Linear):
         return F.linear(x, weight, bias)
 
     def local_weight(self) -> Tensor:
-        """This rank's ``[out/tp, in]`` rows."""
-        return self.weight.to_local()
+        """This rank's ``[out/tp, in]`` rows (normalised ones for a ``NormHead``)."""
+        return head_rows(self, self.weight.to_local())
 
 
 class FusedQKVColumnLinear(ColumnParallelLinear):

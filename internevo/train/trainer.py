@@ -11,6 +11,7 @@ from typing import Any, Optional
 import torch
 
 from internevo.config import TrainConfig
+from internevo.models.common import NormHead
 from internevo.models.loss import fused_lm_loss, token_stats
 from internevo.parallel.comm import Comm
 from internevo.parallel.layout import ParallelLayout
@@ -88,7 +89,7 @@ class Trainer:
         model = self.model
         head = getattr(model, getattr(model, "head_attr", ""), None)
         return (self.layout.tensor == 1 and not self.layout.fsdp
-                and type(head) is torch.nn.Linear and head.bias is None
+                and type(head) in (torch.nn.Linear, NormHead) and head.bias is None
                 and type(head.weight) is torch.nn.Parameter)
 
     # ------------------------------------------------------------------------------- stepping

@@ -14,6 +14,7 @@ from internevo.models.common import (
     Block,
     CausalLM,
     ForwardContext,
+    NormHead,
     RMSNorm,
     SwiGLU,
     apply_rotary,
@@ -86,4 +87,5 @@ class InternLM2(CausalLM):
         self.tok_embeddings = nn.Embedding(m.vocab_size, m.hidden_size)
         self.layers = nn.ModuleList(InternLM2Block(m) for _ in range(m.num_layers))
         self.norm = RMSNorm(m.hidden_size, m.layer_norm_epsilon)
-        self.output = nn.Linear(m.hidden_size, m.vocab_size, bias=False)
+        self.output = (NormHead(m.hidden_size, m.vocab_size) if m.norm_head
+                       else nn.Linear(m.hidden_size, m.vocab_size, bias=False))
