@@ -11,8 +11,7 @@ from typing import Optional
 
 import torch
 
-from internevo.checkpoint.format import CheckpointError
-from internevo.config import ConfigError
+from internevo.errors import InternEvoError, one_line
 
 
 def add_train_arguments(parser: argparse.ArgumentParser) -> None:
@@ -79,19 +78,20 @@ def run_train(args: argparse.Namespace) -> list[dict]:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Entry point of the ``internevo`` console script."""
     argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv  # show tracebacks of input errors too
+    argv = [a for a in argv if a != "--debug"]
     commands = {"train": _train, "tokenize": _tokenize, "tokenize-alpaca": _alpaca,
-                "convert": _convert, "report": _report}
+                "convert": lambda rest: convert_main(rest, debug), "report": _report}
     if not argv or argv[0] not in commands:
-        print("usage: internevo {train,tokenize,tokenize-alpaca,convert,report} ...",
+        print("usage: internevo [--debug] {train,tokenize,tokenize-alpaca,convert,report} ...",
               file=sys.stderr)
         return 2
     try:
         return commands[argv[0]](argv[1:]) or 0
-    except ConfigError as err:
-        print(f"config error: {err}", file=sys.stderr)
-        return 2
-    except CheckpointError as err:
-        print(f"checkpoint error: {err}", file=sys.stderr)
+    except InternEvoError as err:  # config, data, checkpoint, conversion: one line
+        if debug:
+            raise
+        print(one_line(err), file=sys.stderr)
         return 2
 
 
@@ -112,10 +112,6 @@ def _alpaca(argv: list[str]) -> int:
     from internevo.data.tools import alpaca_main
 
     return alpaca_main(argv)
-
-
-def _convert(argv: list[str]) -> int:
-    return convert_main(argv)
 
 
 # --------------------------------------------------------------------------------------------
@@ -210,17 +206,15 @@ def build_convert_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def convert_main(argv: Sequence[str]) -> int:
+def convert_main(argv: Sequence[str], debug: bool = False) -> int:
     """Entry point of ``internevo convert`` and of ``tools/transformers/*.py``."""
-    from internevo.convert.hf_config import HFConversionError
-    from internevo.convert.internevo import InternEvoCheckpointError
-
     args = build_convert_parser().parse_args(list(argv))
     try:
         return args.run(args)
-    except (HFConversionError, InternEvoCheckpointError, CheckpointError, ConfigError,
-            FileExistsError, FileNotFoundError) as err:
-        print(f"error: {err}", file=sys.stderr)
+    except (InternEvoError, FileExistsError, FileNotFoundError) as err:
+        if debug:
+            raise
+        print(one_line(err), file=sys.stderr)
         return 2
 
 

@@ -22,6 +22,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Union
 
+from internevo.errors import InternEvoError
+
 DTYPES = ("torch.float32", "torch.bfloat16", "torch.float16", "torch.tf32")
 _DTYPE_ALIASES = {
     "fp32": "torch.float32", "float32": "torch.float32", "torch.float": "torch.float32",
@@ -31,8 +33,10 @@ _DTYPE_ALIASES = {
 }
 
 
-class ConfigError(ValueError):
+class ConfigError(InternEvoError, ValueError):
     """A config file names an unknown key, has a wrong type or an impossible value."""
+
+    kind = "config error"
 
 
 # --------------------------------------------------------------------------------------------

@@ -40,6 +40,7 @@ from torch import Tensor
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
 from internevo.config import ModelConfig, TrainConfig, load_config
+from internevo.errors import InternEvoError
 from internevo.models.base import ModelSpec
 from internevo.models.registry import foreign_keys, get_spec
 
@@ -55,8 +56,10 @@ MODEL_PREFIX = "model."
 _BACKEND = re.compile(r"^([A-Za-z][A-Za-z0-9_]+):")
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(InternEvoError, RuntimeError):
     """A checkpoint cannot be written or read; the message names the file, tensor or config key."""
+
+    kind = "checkpoint error"
 
 
 # ------------------------------------------------------------------------------------ paths

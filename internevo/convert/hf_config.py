@@ -14,6 +14,7 @@ from typing import Any, Optional
 import torch
 
 from internevo.config import ModelConfig, TrainConfig, config_from_dict
+from internevo.errors import InternEvoError
 from internevo.models.base import Dims, ModelSpec
 from internevo.models.common import ffn_hidden
 from internevo.models.registry import MODEL_REGISTRY, get_spec
@@ -24,8 +25,10 @@ FORMATS = ("llama", "internlm2")
 """Hugging Face layouts: ``llama`` (stock ``LlamaForCausalLM``), ``internlm2`` (remote code)."""
 
 
-class HFConversionError(ValueError):
+class HFConversionError(InternEvoError, ValueError):
     """A checkpoint or Hugging Face folder cannot be converted (names the file or the key)."""
+
+    kind = "conversion error"
 
 
 def check_supported(cfg: TrainConfig, fmt: str) -> ModelSpec:

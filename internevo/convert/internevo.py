@@ -39,6 +39,7 @@ from torch import Tensor
 
 from internevo.config import TrainConfig
 from internevo.data.loader import STATE_VERSION
+from internevo.errors import InternEvoError
 from internevo.models.registry import get_spec
 
 log = logging.getLogger(__name__)
@@ -56,8 +57,10 @@ _GROUPS = ("default", "fp32")  # InternEvo's optimizer param groups without ISP 
 _MOMENTS = ("exp_avg", "exp_avg_sq")
 
 
-class InternEvoCheckpointError(ValueError):
+class InternEvoCheckpointError(InternEvoError, ValueError):
     """An InternEvo checkpoint cannot be read or written (the message names the file)."""
+
+    kind = "checkpoint error"
 
 
 # --------------------------------------------------------------------------------------------

@@ -11,6 +11,7 @@ from typing import Any, Optional
 import torch
 
 from internevo.config import TrainConfig
+from internevo.data.errors import DataError
 from internevo.models.common import NormHead
 from internevo.models.loss import fused_lm_loss, token_stats
 from internevo.parallel.comm import Comm
@@ -161,9 +162,9 @@ class Trainer:
         vocab = self.cfg.model.vocab_size
         if top >= vocab:
             source = self.cfg.data.train_folder or "the dummy dataset (ids up to 199)"
-            raise ValueError(f"batch {self.state.batch_count}: token id {top} from {source} is "
-                             f"outside model.vocab_size={vocab}; use the tokenizer's vocabulary "
-                             "size")
+            raise DataError(f"batch {self.state.batch_count}: token id {top} from {source} is "
+                            f"outside model.vocab_size={vocab}; use the tokenizer's vocabulary "
+                            "size")
 
     def _record(self, batch: dict, loss: float, lr: float, outcome: Any, stats: dict,
                 elapsed: float) -> dict:
