@@ -3,8 +3,9 @@
 The counter records, per (collective kind, group name), the number of calls and the *payload*
 bytes: the size of the full tensor the collective is about — the reduced tensor for all-reduce and
 broadcast, the unsharded input for reduce-scatter, the unsharded output for all-gather, the input
-for all-to-all.  What a ring implementation actually sends per rank follows from it
-(:func:`wire_bytes`).  A group of one rank is a no-op and is not counted.
+for all-to-all, the tensor sent or received for point-to-point (pipeline) transfers.  What a ring
+implementation actually sends per rank follows from it (:func:`wire_bytes`).  A group of one rank
+is a no-op and is not counted.
 
 Collectives that PyTorch issues on our behalf are routed here too: FSDP2's all-gathers and
 reduce-scatters run through :class:`Comm` via its custom-collective hooks, which pass FSDP's own
@@ -51,7 +52,8 @@ def wire_bytes(kind: str, payload: int, group_size: int) -> float:
     """Bytes one rank sends for ``payload`` bytes in a ring implementation of ``kind``."""
     n = group_size
     factor = {"all_reduce": 2 * (n - 1) / n, "reduce_scatter": (n - 1) / n,
-              "all_gather": (n - 1) / n, "broadcast": 1.0, "all_to_all": (n - 1) / n}[kind]
+              "all_gather": (n - 1) / n, "broadcast": 1.0, "all_to_all": (n - 1) / n,
+              "send": 1.0, "recv": 0.0}[kind]
     return payload * factor
 
 
@@ -162,6 +164,24 @@ class Comm:
             return
         self._record("all_to_all", group, input)
         dist.all_to_all_single(output, input, group=pg)
+
+    def send(self, tensor: torch.Tensor, group: str, peer_in_group: int,
+             tag: int = 0) -> Optional[dist.Work]:
+        """Asynchronous point-to-point send to the group's ``peer_in_group``-th member."""
+        pg = self._group(group)
+        if pg is None:
+            return None
+        self._record("send", group, tensor)
+        return dist.isend(tensor, dst=self.layout.ranks(group)[peer_in_group], group=pg, tag=tag)
+
+    def recv(self, tensor: torch.Tensor, group: str, peer_in_group: int, tag: int = 0) -> None:
+        """Blocking point-to-point receive into ``tensor`` from the group's ``peer_in_group``-th
+        member."""
+        pg = self._group(group)
+        if pg is None:
+            return
+        self._record("recv", group, tensor)
+        dist.recv(tensor, src=self.layout.ranks(group)[peer_in_group], group=pg, tag=tag)
 
     def barrier(self) -> None:
         """Barrier over the world (not counted: no payload)."""
