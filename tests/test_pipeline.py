@@ -11,6 +11,7 @@ import pytest
 import torch
 from torch import nn
 
+from internevo.config import ConfigError, config_from_dict
 from internevo.parallel.comm import Comm
 from internevo.parallel.layout import ParallelLayout
 from internevo.parallel.pipeline import (
@@ -154,3 +155,20 @@ def test_runner_gradients_equal_one_process(world, chunks):
         assert res["counts"]["comm/send/pipeline/bytes"] == nbytes
         assert res["counts"]["comm/recv/pipeline/bytes"] == nbytes
     assert seen == set(ref_by_name)
+
+
+@pytest.mark.parametrize("model, micro, message", [
+    (dict(num_layers=3), 4, "pipeline.size=4: model.num_layers=3 must be a multiple of "
+                            "model.num_chunks=1 with at least 4 layers per chunk"),
+    (dict(num_layers=6, num_chunks=2), 4, "num_layers=6 must be a multiple of model.num_chunks=2 "
+                                          "with at least 4 layers"),
+    (dict(num_layers=9, num_chunks=2), 4, "num_layers=9 must be a multiple of model.num_chunks=2"),
+    (dict(num_layers=16, num_chunks=2), 6, "pipeline.size=4 does not divide data.micro_num=6"),
+])
+def test_layout_rejects_splits_that_do_not_fit(model, micro, message):
+    pp4 = config_from_dict(dict(parallel=dict(pipeline=dict(size=4, interleaved_overlap=True)),
+                                model=model, data=dict(micro_num=micro)))
+    with pytest.raises(ConfigError, match=message):
+        ParallelLayout.from_config(pp4, world_size=4, rank=0)
+    ok = config_from_dict(dict(parallel=dict(pipeline=4), model=dict(num_layers=4)))
+    assert ParallelLayout.from_config(ok, world_size=8, rank=5).pp_rank == 2

@@ -142,9 +142,7 @@ class ParallelLayout:
         p = cfg.parallel
         where = f"{cfg.source or '<config>'}: parallel"
         tp, pp = p.tensor.size, p.pipeline.size
-        if pp > 1:
-            raise ConfigError(f"{where}.pipeline.size={pp}: pipeline parallel is not implemented "
-                              "yet; use 1")
+        _check_pipeline_split(cfg, pp, where)
         if world_size % (tp * pp):
             raise ConfigError(f"{where}: world size {world_size} is not divisible by "
                               f"tensor.size*pipeline.size = {tp}*{pp}")
@@ -218,6 +216,18 @@ def _weight_data_size(cfg: TrainConfig, world_size: int, where: str) -> int:
         if value % wp:  # every weight-parallel weight is cut into wp row blocks
             raise ConfigError(f"{where}.weight.size={wp} does not divide {label}={value}")
     return world_size // (wp * pp)
+
+
+def _check_pipeline_split(cfg: TrainConfig, pp: int, where: str) -> None:
+    """Every (stage, chunk) needs a layer; the interleaved schedule needs micro_num % pp == 0."""
+    layers, chunks, micro = cfg.model.num_layers, cfg.model.num_chunks, cfg.data.micro_num
+    if layers % chunks or layers // chunks < pp:
+        raise ConfigError(f"{where}.pipeline.size={pp}: model.num_layers={layers} must be a "
+                          f"multiple of model.num_chunks={chunks} with at least {pp} layers per "
+                          "chunk")
+    if chunks > 1 and micro % pp:
+        raise ConfigError(f"{where}.pipeline.size={pp} does not divide data.micro_num={micro} "
+                          f"(needed by the interleaved schedule, model.num_chunks={chunks})")
 
 
 def _check_divisible_by_tensor(cfg: TrainConfig, tp: int, where: str) -> None:
