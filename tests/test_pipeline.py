@@ -7,11 +7,17 @@ compares every owned gradient with the same chain run in one process.
 
 from __future__ import annotations
 
+import math
+import tempfile
+from pathlib import Path
+
 import pytest
 import torch
+from test_data_parallel import make_trainer, rows_of
 from torch import nn
 
-from internevo.config import ConfigError, config_from_dict
+from internevo.config import ConfigError, TrainConfig, config_from_dict
+from internevo.data.loader import build_train_loader
 from internevo.parallel.comm import Comm
 from internevo.parallel.layout import ParallelLayout
 from internevo.parallel.pipeline import (
@@ -26,6 +32,7 @@ from internevo.parallel.pipeline import (
     train_schedule,
 )
 from internevo.parallel.spawn import spawn_ranks
+from internevo.train.trainer import Trainer
 
 
 def test_partition_gives_the_last_ranks_the_extra_layers():
@@ -172,3 +179,181 @@ def test_layout_rejects_splits_that_do_not_fit(model, micro, message):
         ParallelLayout.from_config(pp4, world_size=4, rank=0)
     ok = config_from_dict(dict(parallel=dict(pipeline=4), model=dict(num_layers=4)))
     assert ParallelLayout.from_config(ok, world_size=8, rank=5).pp_rank == 2
+
+
+# --------------------------------------------------------------- the trainer, real processes
+# Every case trains ``STEPS`` steps on the same global batches as a single process of the same
+# model: dp rank r gets rows r*M .. (r+1)*M, every stage of a pipeline loads them.  At
+# ``POISON_STEP`` the final norm's gradient becomes infinite on the last stage of the last data
+# rank only (on every row of the reference): every stage must skip, which needs the gradient norm
+# reduced over the pipeline.
+STEPS, GLOBAL_ROWS, POISON_STEP, SEQ = 10, 4, 4, 32
+SAVE_AT, RESAVE_AT = 3, 7
+
+# case -> (model_type, parallel section, model overrides, steps); per world size
+CASES = {
+    2: {"pp2": ("INTERNLM2_PUBLIC", dict(pipeline=2), {}, STEPS),
+        "pp2_chunks2": ("INTERNLM", dict(pipeline=dict(size=2, interleaved_overlap=True)),
+                        dict(num_chunks=2, checkpoint=True), STEPS)},
+    4: {"pp4": ("INTERNLM", dict(pipeline=4), {}, STEPS),
+        "pp2_dp2_zero1=2": ("INTERNLM2_PUBLIC", dict(pipeline=2, zero1=2), {}, STEPS),
+        "pp2_tp2_msp": ("INTERNLM", dict(pipeline=2, tensor=dict(size=2, mode="msp")), {},
+                        STEPS)},
+    8: {"pp2_dp2_tp2_fsp": ("INTERNLM2_PUBLIC",
+                            dict(pipeline=2, zero1=2, tensor=dict(size=2, mode="fsp")), {}, 5)},
+}
+
+
+def pp_config(model_type: str, parallel: dict, model: dict, **top) -> TrainConfig:
+    """A 4-layer, hidden-64 model of ``model_type`` on dummy data, clipping active."""
+    return config_from_dict(dict(
+        model_type=model_type,
+        data=dict(seq_len=SEQ, micro_bsz=1, micro_num=GLOBAL_ROWS, total_steps=STEPS,
+                  num_worker=0),
+        model=dict(num_layers=4, hidden_size=64, num_attention_heads=4, vocab_size=256,
+                   multiple_of=16, dtype="torch.float32", **model,
+                   **(dict(num_kv_attention_heads=2) if model_type == "INTERNLM2_PUBLIC" else {})),
+        adam=dict(lr=2e-3), lr_scheduler=dict(warmup_ratio=0.2),
+        hybrid_zero_optimizer=dict(clip_grad_norm=0.5), parallel=parallel,
+        **{"ckpt": dict(enable_save_ckpt=False), "enable_tb": False, **top}))
+
+
+def global_batches() -> list[dict]:
+    """``STEPS`` global batches (the dummy data does not depend on the model)."""
+    loader = iter(build_train_loader(pp_config("INTERNLM", {}, {}), 0, 1))
+    return [next(loader) for _ in range(STEPS)]
+
+
+def poison_next_gradient(param: torch.Tensor) -> None:
+    """Make the next gradient of ``param`` infinite."""
+    def hook(grad: torch.Tensor) -> torch.Tensor:
+        handle.remove()
+        return grad * math.inf
+
+    handle = param.register_hook(hook)
+
+
+def pp_steps(trainer: Trainer, batches: list[dict], first: int, last: int) -> list[dict]:
+    """Train on global batches ``first .. last`` (this data rank's rows), poisoning one."""
+    lay = trainer.layout
+    per_rank = GLOBAL_ROWS // lay.data
+    records = []
+    for step in range(first, last):
+        if step == POISON_STEP and lay.dp_rank == lay.data - 1 and lay.pp_rank == lay.pipeline - 1:
+            poison_next_gradient(trainer.model.norm.weight)
+        start = lay.dp_rank * per_rank
+        records.append(trainer.train_step(rows_of(batches[step], start, start + per_rank)))
+        trainer.state.batch_count += 1
+    return records
+
+
+def pp_train(cfg: TrainConfig, rank: int, world: int, steps: int) -> dict:
+    """``steps`` steps of ``cfg`` on this rank: the records and the optimizer state."""
+    with tempfile.TemporaryDirectory() as run_dir:
+        trainer = make_trainer(cfg, rank, world, Path(run_dir))
+        records = pp_steps(trainer, global_batches(), 0, steps)
+        return {"records": records, "state": trainer.optimizer.state_dict()}
+
+
+# checkpoint legs: world -> (parallel section, source leg, save as, first batch, last batch)
+LEGS = {2: [(dict(pipeline=2), None, "pp2", 0, SAVE_AT),
+            (dict(tensor=dict(size=2, mode="mtp")), "pp2", "tp2", SAVE_AT, RESAVE_AT)],
+        4: [(dict(pipeline=4), "tp2", "pp4", RESAVE_AT, STEPS)]}
+LEG_MODEL = "INTERNLM2_PUBLIC"
+
+
+def checkpoint_legs(rank: int, world: int, root: Path) -> list[list[dict]]:
+    """pp2 saves at ``SAVE_AT``; pp1 x tp2 resumes and saves at ``RESAVE_AT``; pp4 resumes."""
+    out = []
+    for parallel, source, save_as, first, last in LEGS[world]:
+        ckpt = dict(enable_save_ckpt=True, save_ckpt_folder=str(root / save_as),
+                    auto_resume=False, load_ckpt_info=dict(path=str(root / source),
+                                                           content=("all",)) if source else None)
+        with tempfile.TemporaryDirectory() as run_dir:
+            trainer = make_trainer(pp_config(LEG_MODEL, parallel, {}, ckpt=ckpt), rank, world,
+                                   Path(run_dir))
+            trainer.ckpt.maybe_resume()
+            assert trainer.state.batch_count == first
+            out.append(pp_steps(trainer, global_batches(), first, last))
+            trainer.ckpt.save()
+            trainer.ckpt.wait()
+    return out
+
+
+def pp_rank_main(rank: int, world: int, root: Path) -> dict:
+    """Every case of this world size, then its checkpoint legs."""
+    results = {name: pp_train(pp_config(mt, par, model), rank, world, steps)
+               for name, (mt, par, model, steps) in CASES[world].items()}
+    results["legs"] = checkpoint_legs(rank, world, root) if world in LEGS else []
+    return results
+
+
+@pytest.fixture(scope="module")
+def references() -> dict:
+    """One process with the whole global batch, per model type."""
+    return {mt: pp_train(pp_config(mt, {}, {}), 0, 1, STEPS)
+            for mt in ("INTERNLM", "INTERNLM2_PUBLIC")}
+
+
+@pytest.fixture(scope="module")
+def pipelined(tmp_path_factory) -> dict[int, list[dict]]:
+    """Per world size, every rank's results (2 before 4: the checkpoint legs chain)."""
+    root = tmp_path_factory.mktemp("pp_checkpoints")
+    return {world: spawn_ranks(pp_rank_main, world, root, timeout=900) for world in (2, 4, 8)}
+
+
+def _assert_records_match(records: list[dict], ref: list[dict], first: int, where: str) -> None:
+    assert records, where
+    for step, (got, want) in enumerate(zip(records, ref[first:]), start=first):
+        assert got["success"] == want["success"] == (step != POISON_STEP), f"{where} step {step}"
+        if step != POISON_STEP:
+            assert got["loss"] == pytest.approx(want["loss"], rel=1e-5), f"{where} step {step}"
+            assert got["grad_norm"] == pytest.approx(want["grad_norm"], rel=1e-5), where
+
+
+@pytest.mark.parametrize("world", [2, 4, 8])
+def test_pipeline_training_equals_one_process(references, pipelined, world):
+    """Losses, gradient norms, skips and the final optimizer state of every parameter."""
+    for name, (model_type, _, _, steps) in CASES[world].items():
+        ref = references[model_type]
+        union: dict = {}
+        for rank, res in enumerate(pipelined[world]):
+            _assert_records_match(res[name]["records"], ref["records"], 0, f"{name} rank {rank}")
+            union.update(res[name]["state"]["params"])
+        if steps < STEPS:
+            continue  # the state after fewer steps has no reference
+        assert set(union) == set(ref["state"]["params"]), name
+        for pname, ref_state in ref["state"]["params"].items():
+            for key, want in ref_state.items():
+                torch.testing.assert_close(union[pname][key], want, rtol=1e-5, atol=1e-6,
+                                           msg=f"{name} {pname} {key}")
+
+
+@pytest.mark.parametrize("world", [2, 4, 8])
+def test_counted_p2p_bytes_equal_shapes_times_micro_batches(pipelined, world):
+    """Per stage and step: one [1, P/sp, h] fp32 tensor per micro-batch and chunk boundary, each
+    way (a boundary to a later virtual stage sends activations and receives gradients)."""
+    for name, (_, parallel, model, _) in CASES[world].items():
+        pp = parallel["pipeline"] if isinstance(parallel["pipeline"], int) \
+            else parallel["pipeline"]["size"]
+        tensor = parallel.get("tensor", {"size": 1, "mode": "mtp"})
+        micro = GLOBAL_ROWS // (world // pp // tensor["size"])  # rows per data rank
+        shards = tensor["size"] if tensor["mode"] in ("msp", "fsp") else 1
+        chunks = model.get("num_chunks", 1)
+        for rank, res in enumerate(pipelined[world]):
+            stages = [c * pp + rank // (world // pp) for c in range(chunks)]
+            boundaries = sum(s > 0 for s in stages) + sum(s < pp * chunks - 1 for s in stages)
+            want = boundaries * micro * SEQ // shards * 64 * 4
+            for record in res[name]["records"]:
+                assert record["comm/send/pipeline/bytes"] == want, f"{name} rank {rank}"
+                assert record["comm/recv/pipeline/bytes"] == want, f"{name} rank {rank}"
+                assert record["comm/send/pipeline/calls"] == boundaries * micro
+                assert 0 <= record["pipeline/idle_fraction"] < 1
+
+
+def test_checkpoint_pp2_to_tp2_to_pp4_continues_exactly(references, pipelined):
+    ref = references[LEG_MODEL]["records"]
+    for world, legs in ((2, LEGS[2]), (4, LEGS[4])):
+        for rank, res in enumerate(pipelined[world]):
+            for records, (_, _, save_as, first, _) in zip(res["legs"], legs):
+                _assert_records_match(records, ref, first, f"leg {save_as} rank {rank}")

@@ -5,6 +5,7 @@ decoder skeleton (embedding -> blocks -> norm -> head) with the per-forward cont
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar, Optional
 
@@ -237,7 +238,8 @@ class CausalLM(nn.Module):
         return getattr(self, self.blocks_attr)
 
     def forward(self, input_ids: Tensor, cu_seqlens: CuSeqlens = None,
-                indexes: Optional[Tensor] = None, return_hidden: bool = False) -> Tensor:
+                indexes: Optional[Tensor] = None, return_hidden: bool = False,
+                blocks: Optional[Sequence[nn.Module]] = None, final: bool = True) -> Tensor:
         """``input_ids [B, S]`` -> logits ``[B, S, V]`` in the model dtype.
 
         With ``cu_seqlens`` (only ``B == 1``) attention stays inside each segment and ``indexes``
@@ -245,16 +247,21 @@ class CausalLM(nn.Module):
         without it each row is one causal sequence at positions ``arange(S)`` (or ``indexes``).
         ``return_hidden=True`` stops before the head and returns the final-normed hidden states
         ``[B, S, h]`` (the trainer's fused head + loss multiplies them by :meth:`head_weight`).
+
+        A pipeline chunk passes hidden states ``[B, S, h]`` instead of token ids (the embedding
+        runs on integer input only), its ``blocks`` (default: every block of this model) and
+        ``final=False`` unless it ends the model (then neither the final norm nor the head runs).
         """
         embedding = getattr(self, self.embedding_attr)
-        x = embedding(input_ids) if embedding is not None else input_ids
+        embed = embedding is not None and not input_ids.is_floating_point()
+        x = embedding(input_ids) if embed else input_ids
         ctx = self.forward_context(x, cu_seqlens, indexes)
-        for block in self.transformer_blocks():
+        for block in self.transformer_blocks() if blocks is None else blocks:
             x = block(x, ctx)
         norm, head = getattr(self, self.norm_attr), getattr(self, self.head_attr)
-        if norm is not None:
+        if norm is not None and final:
             x = norm(x)
-        return head(x) if head is not None and not return_hidden else x
+        return head(x) if head is not None and final and not return_hidden else x
 
     def head_weight(self) -> Optional[Tensor]:
         """The ``[V, h]`` matrix the head multiplies by (normalised rows for a :class:`NormHead`;

@@ -1,10 +1,10 @@
 """Apply parallelism to a single-device model, in one fixed order, and build what depends on it.
 
-Order: build the full model (layout-independent initial weights; on the meta device under FSDP)
--> tensor / sequence parallel (or isp + weight parallel) -> activation checkpointing -> FSDP
-(shard, materialise, initialise) or move to the device.  The optimizer and the loss are chosen
-to match (ZeRO-1.5 flat shards or FSDP's own shards; plain, vocab-parallel or sequence-shard
-cross entropy).
+Order: build the full model (layout-independent initial weights; on the meta device under FSDP;
+only this pipeline stage's part of it under pipeline parallel) -> tensor / sequence parallel (or
+isp + weight parallel) -> activation checkpointing -> FSDP (shard, materialise, initialise) or
+move to the device.  The optimizer and the loss are chosen to match (ZeRO-1.5 flat shards or
+FSDP's own shards; plain, vocab-parallel or sequence-shard cross entropy).
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from internevo.parallel.comm import Comm
 from internevo.parallel.fsdp import FSDPOptimizer, shard_model
 from internevo.parallel.isp import SequenceShardLoss, apply_isp
 from internevo.parallel.layout import ParallelLayout
+from internevo.parallel.pipeline import build_stage_model
 from internevo.parallel.scaler import LossScaler
 from internevo.parallel.tensor import VocabParallelLoss, apply_tensor_parallel
 from internevo.parallel.zero import HybridZeroOptimizer, ShardedAdamW
@@ -29,7 +30,10 @@ from internevo.parallel.zero import HybridZeroOptimizer, ShardedAdamW
 def parallelize(cfg: TrainConfig, layout: ParallelLayout, comm: Comm, device: torch.device,
                 seed: int) -> nn.Module:
     """Build the model for this rank with every configured parallel mode applied."""
-    model = build_model(cfg, seed=seed, device="meta" if layout.fsdp else "cpu")
+    if layout.pipeline > 1:
+        model = build_stage_model(cfg, layout, seed)
+    else:
+        model = build_model(cfg, seed=seed, device="meta" if layout.fsdp else "cpu")
     if not layout.fsdp:  # DTensor shards are cut on the final device
         model = model.to(device)
     if layout.isp:

@@ -377,11 +377,13 @@ def apply_tensor_parallel(model: nn.Module, cfg: TrainConfig, layout: ParallelLa
             for name in rows:
                 _swap(module.get_submodule(name), RowParallelLinear, tp, {"weight": 1})
             _enter_region(module, tp)
-    _parallel_embedding(model.get_submodule(plan.embedding), tp, cfg.model.embed_split_hidden)
-    head = model.get_submodule(plan.head)
-    _swap(head, ParallelHead, tp, {"weight": 0, "bias": 0})
-    head.parallel_output = cfg.model.parallel_output
-    _enter_region(head, tp)
+    embedding, head = getattr(model, plan.embedding), getattr(model, plan.head)
+    if embedding is not None:  # a later pipeline stage has none
+        _parallel_embedding(embedding, tp, cfg.model.embed_split_hidden)
+    if head is not None:  # only the last pipeline stage has one
+        _swap(head, ParallelHead, tp, {"weight": 0, "bias": 0})
+        head.parallel_output = cfg.model.parallel_output
+        _enter_region(head, tp)
     if tp.sequence_parallel:
         for module in model.modules():
             if type(module) is RMSNorm:

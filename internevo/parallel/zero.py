@@ -24,8 +24,8 @@ One step (gradients were accumulated over ``micro_num`` backward passes without 
    With ``overlap_sync_grad`` a bucket's first collective starts asynchronously from a
    post-accumulate-grad hook as soon as the last micro-step's backward has produced all its
    gradients; ``step`` waits for it;
-2. global gradient norm: local sum of squares, SUM-all-reduced over the zero1 and tensor (isp:
-   weight) groups;
+2. global gradient norm: local sum of squares, SUM-all-reduced over the zero1, tensor (isp:
+   weight) and pipeline groups;
 3. non-finite norm -> skip the update on every rank (all ranks see the same norm) and back off the
    loss scale; otherwise unscale and clip, AdamW on the master shard;
 4. per bucket, **all-gather** the updated shard (model dtype) inside the zero1 group into the
@@ -160,6 +160,7 @@ class ShardedAdamW:
                 total += sq.sum(dtype=torch.float64)
         self.comm.all_reduce(total, "zero1")
         self.comm.all_reduce(total, self.layout.shard_group)
+        self.comm.all_reduce(total, "pipeline")  # each stage holds different parameters
         value = total.item()
         return math.sqrt(value) if math.isfinite(value) else value
 

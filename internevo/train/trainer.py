@@ -12,10 +12,19 @@ import torch
 
 from internevo.config import TrainConfig
 from internevo.data.errors import DataError
+from internevo.models.build import model_dtype
 from internevo.models.common import NormHead
 from internevo.models.loss import fused_lm_loss, token_stats
 from internevo.parallel.comm import Comm
 from internevo.parallel.layout import ParallelLayout
+from internevo.parallel.pipeline import (
+    Chunk,
+    PipelineRunner,
+    chunk_blocks,
+    forward_only,
+    layout_chunks,
+    train_schedule,
+)
 from internevo.parallel.scaler import LossScaler
 from internevo.profiling.report import eta_text, write_report
 from internevo.train.metrics import MetricsWriter, device_peak_flops, step_flops
@@ -84,6 +93,13 @@ class Trainer:
         self.history: list[dict] = []
         self.fused_head = self.can_fuse_head()
         """Loss by :func:`fused_lm_loss` (tensor parallel off, plain single-device head)."""
+        self.pipeline = PipelineRunner(comm, layout.pp_rank, layout.pipeline,
+                                       cfg.model.num_chunks) if layout.pipeline > 1 else None
+        """Runs the pipeline schedule (None without pipeline parallel)."""
+        self.chunks = layout_chunks(cfg, layout) if self.pipeline else []
+        """This stage's model chunks."""
+        self.pipeline_metrics: dict = {}
+        """Busy time and idle share of this stage in the last step."""
 
     def can_fuse_head(self) -> bool:
         """The chunked head + loss applies: no tensor parallel or FSDP, a bias-free Linear head."""
@@ -95,7 +111,10 @@ class Trainer:
 
     # ------------------------------------------------------------------------------- stepping
     def forward_backward(self, batch: dict, loss_scale: float) -> tuple[float, dict]:
-        """Run all micro-batches of ``batch``; gradients accumulate, nothing is communicated."""
+        """Run all micro-batches of ``batch``; gradients accumulate, nothing is communicated
+        (except the activations and gradients between pipeline stages)."""
+        if self.pipeline is not None:
+            return self.pipeline_forward_backward(batch, loss_scale)
         rows = batch["input_ids"].shape[0]
         loss_sum = 0.0
         stats = None
@@ -109,18 +128,28 @@ class Trainer:
             del loss
         return loss_sum, stats
 
-    def row_loss(self, batch: dict, m: int) -> tuple[torch.Tensor, dict]:
-        """Token-mean loss of row ``m`` and its per-type metrics."""
+    def row_args(self, batch: dict, m: int, inputs: Optional[torch.Tensor] = None,
+                 chunk: Optional[Chunk] = None) -> dict:
+        """Model arguments for row ``m``: its tokens (or the hidden states ``inputs`` a pipeline
+        stage received), segments and positions, and the blocks of pipeline ``chunk``."""
+        args = {"input_ids": batch["input_ids"][m:m + 1] if inputs is None else inputs,
+                "cu_seqlens": batch["cu_seqlens"][m], "indexes": batch["indexes"][m:m + 1]}
+        if chunk is not None:
+            args["blocks"] = chunk_blocks(self.model, chunk)
+        return args
+
+    def row_loss(self, batch: dict, m: int, inputs: Optional[torch.Tensor] = None,
+                 chunk: Optional[Chunk] = None) -> tuple[torch.Tensor, dict]:
+        """Token-mean loss of row ``m`` and its per-type metrics (see :meth:`row_args`)."""
+        args = self.row_args(batch, m, inputs, chunk)
         if self.fused_head:
-            return self.fused_row_loss(batch, m)
-        logits = self.model(batch["input_ids"][m:m + 1], cu_seqlens=batch["cu_seqlens"][m],
-                            indexes=batch["indexes"][m:m + 1])
+            return self.fused_row_loss(batch, m, args)
+        logits = self.model(**args)
         return self.loss_fn(logits, batch["labels"][m:m + 1]), self.row_stats(logits, batch, m)
 
-    def fused_row_loss(self, batch: dict, m: int) -> tuple[torch.Tensor, dict]:
+    def fused_row_loss(self, batch: dict, m: int, args: dict) -> tuple[torch.Tensor, dict]:
         """Loss and metrics of row ``m`` by the chunked head + cross entropy (no [P, V] logits)."""
-        hidden = self.model(batch["input_ids"][m:m + 1], cu_seqlens=batch["cu_seqlens"][m],
-                            indexes=batch["indexes"][m:m + 1], return_hidden=True)
+        hidden = self.model(**args, return_hidden=True)
         return fused_lm_loss(hidden, self.model.head_weight(), batch["labels"][m:m + 1],
                              batch["type_ids"][m:m + 1], self.num_types,
                              self.cfg.loss.label_smoothing)
@@ -135,6 +164,49 @@ class Trainer:
         logits = full() if callable(full) else logits
         return token_stats(logits.detach(), batch["labels"][m:m + 1], batch["type_ids"][m:m + 1],
                            self.num_types)
+
+    # ------------------------------------------------------------------------ pipeline parallel
+    def pipeline_forward_backward(self, batch: dict, loss_scale: float) -> tuple[float, dict]:
+        """The 1F1B / interleaved schedule over the rows of ``batch`` (spec §3.7): the last stage
+        computes each row's loss / rows; loss and metrics come back from it to every stage."""
+        rows = batch["input_ids"].shape[0]
+        acc: dict = {"loss": 0.0, "stats": self.zero_stats()}
+
+        def forward(chunk: Chunk, m: int, x: Optional[torch.Tensor]) -> torch.Tensor:
+            if not chunk.last:
+                return self.model(**self.row_args(batch, m, x, chunk), final=False)
+            loss, stats = self.row_loss(batch, m, x, chunk)
+            acc["loss"] += loss.item() / rows
+            acc["stats"] = {k: acc["stats"][k] + stats[k] for k in stats}
+            return loss / rows
+
+        lay = self.layout
+        actions = train_schedule(lay.pipeline, lay.pp_rank, rows, self.cfg.model.num_chunks)
+        timing = self.pipeline.run(actions, self.chunks, forward, self.optimizer.start_micro_step,
+                                   self.activation_shape(batch), model_dtype(self.cfg),
+                                   self.device, loss_scale)
+        self.pipeline_metrics = {"pipeline/busy_s": timing.busy_s,
+                                 "pipeline/idle_fraction": timing.idle_fraction}
+        return self.from_last_stage(acc["loss"], acc["stats"])
+
+    def activation_shape(self, batch: dict) -> tuple[int, int, int]:
+        """The hidden state crossing a stage boundary: ``[1, P, h]``, ``P / tp`` tokens under
+        sequence parallel (msp, fsp)."""
+        lay = self.layout
+        shards = lay.tensor if lay.tensor_mode in ("msp", "fsp") else 1
+        return (1, batch["input_ids"].shape[1] // shards, self.cfg.model.hidden_size)
+
+    def zero_stats(self) -> dict:
+        """Empty per-type metric sums (what a stage without the head contributes)."""
+        return {k: torch.zeros(self.num_types, dtype=torch.float64)
+                for k in ("tokens", "correct", "nll")}
+
+    def from_last_stage(self, loss: float, stats: dict) -> tuple[float, dict]:
+        """The last pipeline stage's loss and metric sums, broadcast to every stage."""
+        packed = torch.cat([torch.tensor([loss], dtype=torch.float64), *stats.values()])
+        self.comm.broadcast(packed, "pipeline", self.layout.pipeline - 1)
+        parts = packed[1:].split(self.num_types)
+        return packed[0].item(), dict(zip(stats, parts))
 
     def train_step(self, batch: dict) -> dict:
         """One optimizer step on ``batch``; returns its metrics record."""
@@ -154,7 +226,9 @@ class Trainer:
         loss_t = torch.tensor([loss], dtype=torch.float64)
         self.comm.all_reduce(loss_t, "data", op="avg")
         elapsed = time.perf_counter() - start
-        return self._record(batch, loss_t.item(), lr, outcome, stats, elapsed)
+        record = self._record(batch, loss_t.item(), lr, outcome, stats, elapsed)
+        record.update(self.pipeline_metrics)
+        return record
 
     def check_token_ids(self, batch: dict) -> None:
         """Token ids at or beyond the vocabulary would index out of the embedding: say so."""
@@ -252,13 +326,8 @@ class Trainer:
         for name, loader in self.valid_loaders.items():
             totals = torch.zeros(3, dtype=torch.float64)
             for batch in loader:
-                batch = _to_device(batch, self.device)
-                for m in range(batch["input_ids"].shape[0]):
-                    logits = self.model(batch["input_ids"][m:m + 1],
-                                        cu_seqlens=batch["cu_seqlens"][m],
-                                        indexes=batch["indexes"][m:m + 1])
-                    s = self.row_stats(logits, batch, m)
-                    totals += torch.stack([s["nll"].sum(), s["correct"].sum(), s["tokens"].sum()])
+                totals += self.valid_totals(_to_device(batch, self.device))
+            self.comm.broadcast(totals, "pipeline", self.layout.pipeline - 1)  # the head's stage
             self.comm.all_reduce(totals, "data")
             count = max(totals[2].item(), 1.0)
             loss = totals[0].item() / count
@@ -270,6 +339,32 @@ class Trainer:
         line = " ".join(f"{k} {v:.4f}" for k, v in results.items())
         self.writer.write(record, "validation " + line)
         return results
+
+    def valid_totals(self, batch: dict) -> torch.Tensor:
+        """Summed NLL, correct predictions and tokens of one validation batch (forward only;
+        through the pipeline stages under pipeline parallel, zeros except on the last stage)."""
+        totals = torch.zeros(3, dtype=torch.float64)
+        rows = batch["input_ids"].shape[0]
+        if self.pipeline is None:
+            for m in range(rows):
+                totals += _valid_sums(self.row_stats(self.model(**self.row_args(batch, m)),
+                                                     batch, m))
+            return totals
+
+        def forward(chunk: Chunk, m: int, x: Optional[torch.Tensor]) -> torch.Tensor:
+            out = self.model(**self.row_args(batch, m, x, chunk), final=chunk.last)
+            if chunk.last:
+                totals.add_(_valid_sums(self.row_stats(out, batch, m)))
+            return out
+
+        self.pipeline.run(forward_only(rows, self.cfg.model.num_chunks), self.chunks, forward,
+                          lambda last: None, self.activation_shape(batch),
+                          model_dtype(self.cfg), self.device)
+        return totals
+
+
+def _valid_sums(stats: dict) -> torch.Tensor:
+    return torch.stack([stats["nll"].sum(), stats["correct"].sum(), stats["tokens"].sum()])
 
 
 def run_dir_for(cfg: TrainConfig, run_dir: Optional[str]) -> Path:
