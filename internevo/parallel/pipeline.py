@@ -209,6 +209,22 @@ def simulate(pp: int, micro_num: int, chunks: int,
     return timeline
 
 
+def render_timeline(pp: int, micro_num: int, chunks: int) -> str:
+    """:func:`simulate` as text, one line per stage, two characters per unit of time: ``f3`` =
+    forward of micro-batch 3, ``b3--`` its backward (twice as long), upper case for chunk 1 (then
+    chunk 2 lower case again), ``..`` idle."""
+    lines = []
+    for rank, row in enumerate(simulate(pp, micro_num, chunks)):
+        text, clock = "", 0.0
+        for start, end, a in row:
+            text += ".." * int(start - clock)
+            cell = f"{'fb'[a.kind == 'B']}{a.micro}".ljust(2 * int(end - start), "-")
+            text += cell.upper() if a.chunk % 2 else cell
+            clock = end
+        lines.append(f"stage {rank}: {text}")
+    return "\n".join(lines)
+
+
 def _dependency(a: Action, rank: int, pp: int, chunks: int) -> Optional[tuple]:
     """The action on another stage whose result ``a`` needs (None: it starts from local data)."""
     stage = a.chunk * pp + rank  # virtual stage
@@ -230,6 +246,8 @@ class StepTiming:
     """Seconds in forward and backward compute (waits for neighbours excluded)."""
     total_s: float = 0.0
     """Seconds from the first action to the last send completed."""
+    max_in_flight: int = 0
+    """Most micro-batch activations held at once (forwards waiting for their backward)."""
 
     @property
     def idle_fraction(self) -> float:
@@ -293,6 +311,7 @@ class PipelineRunner:
                     self.send(out, a.chunk, 1, ACTIVATION_TAG)
                 if torch.is_grad_enabled():
                     saved[(a.chunk, a.micro)] = (x, out)
+                    timing.max_in_flight = max(timing.max_in_flight, len(saved))
                 continue
             x, out = saved.pop((a.chunk, a.micro))
             grad = None if chunk.last else self.recv(out.shape, out.dtype, device, a.chunk, 1,

@@ -186,7 +186,8 @@ class Trainer:
                                    self.activation_shape(batch), model_dtype(self.cfg),
                                    self.device, loss_scale)
         self.pipeline_metrics = {"pipeline/busy_s": timing.busy_s,
-                                 "pipeline/idle_fraction": timing.idle_fraction}
+                                 "pipeline/idle_fraction": timing.idle_fraction,
+                                 "pipeline/max_in_flight": timing.max_in_flight}
         return self.from_last_stage(acc["loss"], acc["stats"])
 
     def activation_shape(self, batch: dict) -> tuple[int, int, int]:
