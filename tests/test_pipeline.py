@@ -144,7 +144,7 @@ def toy_rank(rank: int, world: int, chunks: int) -> dict:
     return {"grads": grads, "counts": comm.snapshot()}
 
 
-@pytest.mark.parametrize("world,chunks", [(2, 1), (4, 1), (2, 2)])
+@pytest.mark.parametrize("world,chunks", [(2, 2)])  # the trainer tests cover 1F1B
 def test_runner_gradients_equal_one_process(world, chunks):
     ref = toy_reference()
     ref_by_name = {f"{i}.{j}": ref[2 * i + j] for i in range(LAYERS) for j in range(2)}
