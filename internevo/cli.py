@@ -1,4 +1,4 @@
-"""Command line: ``internevo train | tokenize | tokenize-alpaca | convert | report``."""
+"""Command line: ``internevo train | dryrun | tokenize | tokenize-alpaca | convert | report``."""
 
 from __future__ import annotations
 
@@ -31,6 +31,38 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--profiling", choices=("memory",), default=None,
                         help="memory: per-module bytes of the first monitor.memory_profile_steps "
                              "steps into <run-dir>/memory/rank<r>/")
+    add_dry_run_arguments(parser)
+
+
+def add_dry_run_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--dry-run`` and the rank it plays (internevo/train/dryrun.py)."""
+    parser.add_argument("--dry-run", action="store_true",
+                        help="one fake-tensor step of one rank: per-rank bytes and traffic")
+    parser.add_argument("--world", type=int, default=None,
+                        help="dry run: the world size to plan for (required with --dry-run)")
+    parser.add_argument("--rank", type=int, default=0, help="dry run: the rank to build")
+    parser.add_argument("--device", choices=("cuda", "cpu"), default="cuda",
+                        help="dry run: the device the run would train on")
+
+
+def run_dry(args: argparse.Namespace) -> dict:
+    """``--dry-run``: build rank ``--rank`` of a ``--world`` run on fake tensors, run one step,
+    write ``<run dir>/dryrun.json`` and print the table; returns the report."""
+    from internevo.config import load_config, parse_override
+    from internevo.train.dryrun import dry_run, format_report, write_report
+    from internevo.train.trainer import run_dir_for
+
+    cfg = load_config(args.config, dict(parse_override(text) for text in args.set))
+    if args.world is None:
+        raise ConfigError("--dry-run needs --world N (the world size to plan for)")
+    if not 0 <= args.rank < args.world:
+        raise ConfigError(f"--rank {args.rank} is outside --world {args.world}")
+    run_dir = run_dir_for(cfg, args.run_dir)
+    report = dry_run(cfg, args.world, args.rank, args.device, args.seed, run_dir)
+    path = write_report(report, run_dir)
+    print(format_report(report))
+    print(f"[internevo] dry run report: {path}")
+    return report
 
 
 def run_train(args: argparse.Namespace) -> list[dict]:
@@ -56,7 +88,7 @@ def run_train(args: argparse.Namespace) -> list[dict]:
     init_process_group(info, device, args.timeout)
     seed_everything(args.seed)
     layout.build_groups()
-    comm = Comm(layout)
+    comm = Comm(layout, device)
     run_dir = run_dir_for(cfg, args.run_dir)
     if layout.is_log_rank:
         print(f"[internevo] {cfg.JOB_NAME}: {layout.describe()} | device {device} | "
@@ -80,10 +112,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv  # show tracebacks of input errors too
     argv = [a for a in argv if a != "--debug"]
-    commands = {"train": _train, "tokenize": _tokenize, "tokenize-alpaca": _alpaca,
-                "convert": lambda rest: convert_main(rest, debug), "report": _report}
+    commands = {"train": _train, "dryrun": _dryrun, "tokenize": _tokenize,
+                "tokenize-alpaca": _alpaca, "convert": lambda rest: convert_main(rest, debug),
+                "report": _report}
     if not argv or argv[0] not in commands:
-        print("usage: internevo [--debug] {train,tokenize,tokenize-alpaca,convert,report} ...",
+        print("usage: internevo [--debug] {train,dryrun,tokenize,tokenize-alpaca,convert,report} "
+              "...",
               file=sys.stderr)
         return 2
     try:
@@ -98,8 +132,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 def _train(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="internevo train")
     add_train_arguments(parser)
-    run_train(parser.parse_args(argv))
+    args = parser.parse_args(argv)
+    run_dry(args) if args.dry_run else run_train(args)
     return 0
+
+
+def _dryrun(argv: list[str]) -> int:
+    return _train([*argv, "--dry-run"])
 
 
 def _tokenize(argv: list[str]) -> int:

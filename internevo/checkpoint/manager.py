@@ -428,7 +428,8 @@ class CheckpointManager:
         """A gloo group of all ranks for DCP: asynchronous saves run collectives in a thread,
         which must not share a communicator with the training collectives of the main thread."""
         if self.layout.world_size > 1 and dist.is_initialized():
-            return dist.new_group(backend="gloo")
+            fake = "fake" in str(dist.get_backend())  # the dry run's process group
+            return dist.new_group(backend=None if fake else "gloo")
         return None
 
     def _dcp_kwargs(self) -> dict:
@@ -642,10 +643,8 @@ class CheckpointManager:
         step = st.step_count
         tmp = self.save_folder / f"{TMP_PREFIX}{step}"
         self._prepare(tmp)
-        opt_tensors, opt_plain = split_tree(self.parts["optimizer"].state_dict())
+        state, opt_plain = self.save_state()
         self._write_extras(tmp, step, opt_plain)
-        state, _ = checkpoint_layout({"model": self.parts["model"].state_dict(),
-                                      "optimizer": opt_tensors}, self.spec)
         self._saved_batch, self._saved_step = st.batch_count, step
         writer = dcp.FileSystemWriter(str(tmp))
         if self._executor is None:
@@ -656,6 +655,14 @@ class CheckpointManager:
                 lambda: dcp.async_save(state, storage_writer=writer, **self._dcp_kwargs()), tmp)
             self._pending = self._executor.submit(self._complete_async, future, tmp, step)
         return self.save_folder / str(step)
+
+    def save_state(self) -> tuple[dict, dict]:
+        """What a save hands to DCP (model and optimizer tensors in the checkpoint layout) and
+        the optimizer's plain values (for ``meta.json``); the dry run builds it too."""
+        opt_tensors, opt_plain = split_tree(self.parts["optimizer"].state_dict())
+        state, _ = checkpoint_layout({"model": self.parts["model"].state_dict(),
+                                      "optimizer": opt_tensors}, self.spec)
+        return state, opt_plain
 
     def _prepare(self, tmp: Path) -> None:
         """Rank 0 starts from an empty temporary folder before any rank writes into it."""

@@ -29,18 +29,23 @@ def token_stats(logits: torch.Tensor, labels: torch.Tensor, type_ids: torch.Tens
                 num_types: int) -> dict[str, torch.Tensor]:
     """Per-type sums for metrics: supervised tokens, correct argmax predictions, summed NLL."""
     flat_labels = labels.reshape(-1)
-    mask = flat_labels != IGNORE_INDEX
-    flat_logits = logits.reshape(-1, logits.shape[-1])[mask].float()
-    targets = flat_labels[mask]
-    types = type_ids.reshape(-1)[mask].clamp(0, num_types - 1)
-    nll = F.cross_entropy(flat_logits, targets, reduction="none")
-    correct = (flat_logits.argmax(-1) == targets).float()
-    zeros = torch.zeros(num_types, dtype=torch.float64)
-    return {
-        "tokens": zeros.index_add(0, types, torch.ones_like(nll, dtype=torch.float64)),
-        "correct": zeros.index_add(0, types, correct.double()),
-        "nll": zeros.index_add(0, types, nll.double()),
-    }
+    flat_logits = logits.reshape(-1, logits.shape[-1]).float()
+    nll = F.cross_entropy(flat_logits, flat_labels, ignore_index=IGNORE_INDEX, reduction="none")
+    correct = flat_logits.argmax(-1) == flat_labels
+    return type_sums(type_ids, flat_labels != IGNORE_INDEX, num_types, correct, nll)
+
+
+def type_sums(type_ids: torch.Tensor, mask: torch.Tensor, num_types: int,
+              correct: torch.Tensor, nll: torch.Tensor) -> dict[str, torch.Tensor]:
+    """``tokens`` / ``correct`` / ``nll`` summed per data type over the tokens where ``mask``
+    (fp64, on the tokens' device; no boolean indexing, so no data-dependent shapes)."""
+    types = type_ids.reshape(-1).clamp(0, num_types - 1)
+    mask = mask.reshape(-1)
+    zeros = torch.zeros(num_types, dtype=torch.float64, device=nll.device)
+    return {"tokens": zeros.index_add(0, types, mask.double()),
+            "correct": zeros.index_add(0, types, (correct.reshape(-1) & mask).double()),
+            "nll": zeros.index_add(0, types, torch.where(mask, nll.reshape(-1).detach().double(),
+                                                         0.0))}
 
 
 # --------------------------------------------------------------------------------------------
@@ -158,11 +163,4 @@ def fused_lm_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tens
                                                      chunk)
     mask = labels.reshape(-1) != IGNORE_INDEX
     loss = total / mask.sum().clamp(min=1)
-    types = type_ids.reshape(-1)[mask].clamp(0, num_types - 1)
-    zeros = torch.zeros(num_types, dtype=torch.float64)
-    stats = {
-        "tokens": zeros.index_add(0, types, torch.ones(types.shape, dtype=torch.float64)),
-        "correct": zeros.index_add(0, types, correct.reshape(-1)[mask].double()),
-        "nll": zeros.index_add(0, types, nll.reshape(-1)[mask].detach().double()),
-    }
-    return loss, stats
+    return loss, type_sums(type_ids, mask, num_types, correct.bool(), nll)

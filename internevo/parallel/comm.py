@@ -60,13 +60,20 @@ def wire_bytes(kind: str, payload: int, group_size: int) -> float:
 class Comm:
     """Counting front-end for torch.distributed collectives over the layout's named groups."""
 
-    def __init__(self, layout: ParallelLayout):
+    def __init__(self, layout: ParallelLayout, device: Optional[torch.device] = None):
         self.layout = layout
+        self.device = device
+        """Where every communicated tensor must live (None: unchecked); NCCL rejects CPU tensors,
+        so a buffer left on the CPU fails here with its collective and group named."""
         self.calls: dict[tuple[str, str], int] = defaultdict(int)
         self.bytes: dict[tuple[str, str], int] = defaultdict(int)
 
     # ------------------------------------------------------------------------------ counting
     def _record(self, kind: str, group: str, tensor: torch.Tensor) -> None:
+        if self.device is not None and tensor.device.type != self.device.type:
+            raise RuntimeError(f"{kind} on group {group!r}: a {tuple(tensor.shape)} "
+                               f"{tensor.dtype} tensor on {tensor.device}, but this run "
+                               f"communicates on {self.device}")
         self.record(kind, group, tensor.numel() * tensor.element_size())
 
     def record(self, kind: str, group: str, nbytes: int) -> None:

@@ -38,7 +38,7 @@ from torch.autograd import Function
 
 from internevo.config import ConfigError, TrainConfig
 from internevo.models.common import RMSNorm, ffn_hidden, head_rows
-from internevo.models.loss import IGNORE_INDEX
+from internevo.models.loss import IGNORE_INDEX, type_sums
 from internevo.models.registry import get_spec
 from internevo.parallel.comm import Comm
 from internevo.parallel.layout import ParallelLayout
@@ -518,14 +518,8 @@ def vocab_parallel_token_stats(logits: Tensor, labels: Tensor, type_ids: Tensor,
     big = width * comm.layout.tensor
     first = torch.where(local_max == row_max, local_arg + start, torch.full_like(local_arg, big))
     argmax = all_reduce(comm, first, "min")
-    mask = flat != IGNORE_INDEX
-    nll = (sums[:, 0].log() + row_max - sums[:, 1])[mask]
-    correct = (argmax == flat)[mask].double()
-    types = type_ids.reshape(-1)[mask].clamp(0, num_types - 1)
-    zeros = torch.zeros(num_types, dtype=torch.float64)
-    return {"tokens": zeros.index_add(0, types, torch.ones_like(nll, dtype=torch.float64)),
-            "correct": zeros.index_add(0, types, correct),
-            "nll": zeros.index_add(0, types, nll.double())}
+    nll = sums[:, 0].log() + row_max - sums[:, 1]
+    return type_sums(type_ids, flat != IGNORE_INDEX, num_types, argmax == flat, nll)
 
 
 class VocabParallelLoss:

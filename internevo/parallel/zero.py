@@ -150,7 +150,7 @@ class ShardedAdamW:
 
     def global_grad_norm(self, grads: list[torch.Tensor]) -> float:
         """L2 norm of the whole gradient: every shard, every tensor-parallel rank, counted once."""
-        total = torch.zeros(1, dtype=torch.float64)
+        total = torch.zeros(1, dtype=torch.float64, device=self.masters[0].device)
         for grad, weight in zip(grads, self.norm_weights):
             grad = local_tensor(grad).reshape(-1)
             for start in range(0, grad.numel(), _NORM_PIECE):  # cache-sized temporaries
@@ -288,6 +288,8 @@ class HybridZeroOptimizer(ShardedAdamW):
         self.numels = [local_tensor(p).numel() for p in params]
         self.shapes = [local_tensor(p).shape for p in params]
         self.total = sum(self.numels)
+        self.device = local_tensor(params[0]).device
+        """Where the parameters, and so every flat buffer and master, live."""
         hz = cfg.hybrid_zero_optimizer
         self.buckets = plan_buckets(self.numels, hz.reduce_bucket_size, layout.zero1)
         for b in self.buckets:
@@ -318,7 +320,9 @@ class HybridZeroOptimizer(ShardedAdamW):
     def _bucket_flat(self, b: Bucket, tensors: list[torch.Tensor], dtype: torch.dtype,
                      out: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Bucket ``b``'s parameters' ``tensors`` as one zero-padded flat vector (into ``out``)."""
-        flat = torch.empty(b.shard * self.layout.zero1, dtype=dtype) if out is None else out
+        if out is None:
+            out = torch.empty(b.shard * self.layout.zero1, dtype=dtype, device=self.device)
+        flat = out
         flat[b.numel:].zero_()
         torch.cat([tensors[i].reshape(-1).to(dtype) for i in b.indices], out=flat[: b.numel])
         return flat
@@ -364,7 +368,7 @@ class HybridZeroOptimizer(ShardedAdamW):
         group = self.layout.shard_group
         if self.layout.size(group) == 1 or self.layout.rank_in(group) == 0:
             return None
-        weights = [torch.full((n,), 1.0 if is_tensor_sharded(p) else 0.0)
+        weights = [torch.full((n,), 1.0 if is_tensor_sharded(p) else 0.0, device=self.device)
                    for p, n in zip(self.params, self.numels)]
         return self._to_shards(weights, torch.float32)
 
@@ -402,7 +406,8 @@ class HybridZeroOptimizer(ShardedAdamW):
         grads: list[torch.Tensor] = [torch.empty(0)] * len(self.params)
         for i in b.indices:
             grad = self.params[i].grad
-            grads[i] = local_tensor(grad) if grad is not None else torch.zeros(self.shapes[i])
+            grads[i] = (local_tensor(grad) if grad is not None
+                        else torch.zeros(self.shapes[i], device=self.device))
         return grads
 
     def _finish(self, b: Bucket) -> torch.Tensor:

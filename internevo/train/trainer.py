@@ -224,7 +224,7 @@ class Trainer:
             self.state.step_count += 1
         else:
             self.state.inf_nan_skip_batches += 1
-        loss_t = torch.tensor([loss], dtype=torch.float64)
+        loss_t = torch.tensor([loss], dtype=torch.float64, device=self.device)
         self.comm.all_reduce(loss_t, "data", op="avg")
         elapsed = time.perf_counter() - start
         record = self._record(batch, loss_t.item(), lr, outcome, stats, elapsed)
@@ -325,7 +325,7 @@ class Trainer:
         self.model.eval()
         results = {}
         for name, loader in self.valid_loaders.items():
-            totals = torch.zeros(3, dtype=torch.float64)
+            totals = torch.zeros(3, dtype=torch.float64, device=self.device)
             for batch in loader:
                 totals += self.valid_totals(_to_device(batch, self.device))
             self.comm.broadcast(totals, "pipeline", self.layout.pipeline - 1)  # the head's stage

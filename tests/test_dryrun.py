@@ -1,0 +1,119 @@
+"""Dry run (internevo/train/dryrun.py): the real step of one rank on fake tensors.
+
+Every layout runs on the fake accelerator (the GPU code path: a buffer left on the CPU raises),
+and the per-rank bytes equal the formulas of docs/parallel.md "Dry run", worked out here from the
+model's shapes (built once on the meta device), not read back from the optimizer.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from internevo.cli import main
+from internevo.config import config_from_dict
+from internevo.models.registry import build_model
+from internevo.parallel import zero
+from internevo.train.dryrun import BYTE_KEYS, dry_run
+
+# name -> (world, parallel section, hybrid_zero_optimizer overrides); the last rank is built
+LAYOUTS = {
+    "dp2": (2, dict(zero1=1), {}),
+    "dp4_zero1=-1": (4, dict(zero1=-1), {}),
+    "dp4_zero1=2_overlap": (4, dict(zero1=2), dict(overlap_sync_grad=True,
+                                                   reduce_bucket_size=3000)),
+    "dp2_fsdp": (2, dict(zero1=dict(size=-1, fsdp=True)), {}),
+    "dp4_hsdp_zero1=2": (4, dict(zero1=dict(size=2, fsdp=True)), {}),
+    "mtp2": (2, dict(zero1=1, tensor=dict(size=2, mode="mtp")), {}),
+    "msp2": (2, dict(zero1=1, tensor=dict(size=2, mode="msp")), {}),
+    "fsp2": (2, dict(zero1=1, tensor=dict(size=2, mode="fsp")), {}),
+    "dp4_zero1=2_x_fsp2": (8, dict(zero1=2, tensor=dict(size=2, mode="fsp")), {}),
+}
+
+
+def tiny(parallel: dict, hz: dict, **model) -> object:
+    """A 2-layer bf16 InternLM2 on dummy data."""
+    return config_from_dict(dict(
+        model_type="INTERNLM2_PUBLIC",
+        data=dict(seq_len=32, micro_bsz=1, micro_num=2, total_steps=4, num_worker=0),
+        model=dict(num_layers=2, hidden_size=32, num_attention_heads=4, num_kv_attention_heads=2,
+                   vocab_size=256, multiple_of=16, dtype="torch.bfloat16", **model),
+        hybrid_zero_optimizer=dict(clip_grad_norm=1.0, **hz), parallel=parallel,
+        ckpt=dict(enable_save_ckpt=False), enable_tb=False))
+
+
+def expected_bytes(cfg, world: int) -> dict[str, int]:
+    """docs/parallel.md: N_local = elements this tensor rank holds (norm weights whole, every
+    other weight cut by tp); bf16 params and gradients (2·N_local; FSDP: the fp32 shards are
+    the params), masters 4·N_local/zero1, AdamW moments 8·N_local/zero1 — rounded up per
+    parameter's dim 0 under FSDP, per bucket under ZeRO."""
+    p = cfg.parallel
+    tp = p.tensor.size
+    zero1 = world // tp if p.zero1.size == -1 else p.zero1.size
+    shapes = {n: t.shape for n, t in build_model(cfg, device="meta").named_parameters()}
+    n_local = sum(s.numel() // (1 if "norm" in n else tp) for n, s in shapes.items())
+    if p.zero1.fsdp:  # (tensor size 1)
+        shard = sum(math.ceil(s[0] / zero1) * math.prod(s[1:]) for s in shapes.values())
+        return {"params": 4 * shard, "grads": 4 * shard, "master": 4 * shard,
+                "optimizer_states": 8 * shard}
+    return {"params": 2 * n_local, "grads": 2 * n_local, "master": 4 * math.ceil(n_local / zero1),
+            "optimizer_states": 8 * math.ceil(n_local / zero1)}
+
+
+@pytest.mark.parametrize("name", LAYOUTS)
+def test_every_layout_runs_on_the_fake_accelerator(name):
+    world, parallel, hz = LAYOUTS[name]
+    cfg = tiny(parallel, hz)
+    report = dry_run(cfg, world, rank=world - 1, device="cuda")
+    assert set(report) == {"world", "rank", "layout", "bytes", "comm"}
+    assert set(report["bytes"]) == set(BYTE_KEYS)
+    got, want = report["bytes"], expected_bytes(cfg, world)
+    if hz.get("overlap_sync_grad"):  # several buckets: fewer than zero1 padding elements each
+        n_buckets = 16
+        for key, per in (("master", 4), ("optimizer_states", 8)):
+            assert want[key] <= got[key] < want[key] + per * n_buckets * 2, key
+        want = {k: v for k, v in want.items() if k in ("params", "grads")}
+    for key, value in want.items():
+        assert got[key] == value, (key, got[key], value)
+    assert 0 < report["bytes"]["activations_peak"] < report["bytes"]["total_peak"]
+    comm = report["comm"]
+    if world > parallel.get("tensor", {}).get("size", 1):  # data parallel: gradients travel
+        assert any(k.startswith(("reduce_scatter/", "all_reduce/zero1_replica")) for k in comm)
+
+
+def test_a_buffer_left_on_the_cpu_fails_the_dry_run(monkeypatch):
+    """The old ZeRO bucket allocation (no device) is what NCCL runs would die on: caught here."""
+    def cpu_flat(self, b, tensors, dtype, out=None):
+        flat = torch.empty(b.shard * self.layout.zero1, dtype=dtype) if out is None else out
+        torch.cat([tensors[i].reshape(-1).to(dtype) for i in b.indices], out=flat[: b.numel])
+        return flat
+
+    monkeypatch.setattr(zero.HybridZeroOptimizer, "_bucket_flat", cpu_flat)
+    with pytest.raises(RuntimeError, match="cpu"):
+        dry_run(tiny(dict(zero1=-1), {}), 2, device="cuda")
+
+
+def test_recomputation_shrinks_the_saved_activations():
+    plain = dry_run(tiny(dict(zero1=1), {}), 2, device="cpu")["bytes"]["activations_peak"]
+    recomputed = dry_run(tiny(dict(zero1=1), {}, checkpoint=True), 2,
+                         device="cpu")["bytes"]["activations_peak"]
+    assert recomputed < plain / 2
+
+
+def test_command_line_writes_the_report(tmp_path, capsys):
+    config = tmp_path / "tiny.py"
+    config.write_text("model_type = 'INTERNLM2_PUBLIC'\n"
+                      "data = dict(seq_len=32, micro_bsz=1, micro_num=2, total_steps=4)\n"
+                      "model = dict(num_layers=2, hidden_size=32, num_attention_heads=4, "
+                      "num_kv_attention_heads=2, vocab_size=256, multiple_of=16, "
+                      "dtype='torch.bfloat16')\n"
+                      "parallel = dict(zero1=4, tensor=dict(size=2, mode='msp'))\n")
+    assert main(["dryrun", "--config", str(config), "--world", "8", "--rank", "3",
+                 "--run-dir", str(tmp_path / "run")]) == 0
+    report = json.loads((tmp_path / "run" / "dryrun.json").read_text())
+    assert (report["world"], report["rank"]) == (8, 3)
+    assert report["layout"]["zero1"] == 4 and report["layout"]["tensor"] == 2
+    assert "optimizer_states" in capsys.readouterr().out
