@@ -15,7 +15,7 @@ import torch
 
 from internevo.cli import main
 from internevo.config import config_from_dict
-from internevo.models.registry import build_model
+from internevo.models.build import build_model
 from internevo.parallel import zero
 from internevo.train.dryrun import BYTE_KEYS, dry_run
 
