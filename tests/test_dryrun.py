@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import json
 import math
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 
-from internevo.cli import main
 from internevo.config import config_from_dict
 from internevo.models.build import build_model
 from internevo.parallel import zero
@@ -63,11 +65,59 @@ def expected_bytes(cfg, world: int) -> dict[str, int]:
             "optimizer_states": 8 * math.ceil(n_local / zero1)}
 
 
+def isolated(call: str) -> object:
+    """``call`` (an expression over this module, JSON-serialisable) in a fresh interpreter: the
+    stand-in accelerator must exist before the autograd engine starts, which other tests of this
+    pytest process may already have done."""
+    code = (f"import json, sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); "
+            f"import test_dryrun as t; print('RESULT', json.dumps({call}))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=600)
+    lines = [ln for ln in out.stdout.splitlines() if ln.startswith("RESULT ")]
+    assert out.returncode == 0 and lines, out.stderr[-3000:]
+    return json.loads(lines[-1][len("RESULT "):])
+
+
+def all_results() -> dict:
+    """Every dry run of this module, in one interpreter: each layout's last rank on the fake
+    accelerator, recomputation's saved-activation peaks, the run with a CPU bucket."""
+    layouts = {name: dry_run(tiny(par, hz), world, rank=world - 1, device="cuda")
+               for name, (world, par, hz) in LAYOUTS.items()}
+    return {"layouts": layouts, "recompute": recomputation_peaks(),
+            "cpu_error": cpu_buffer_error()}
+
+
+def cpu_buffer_error() -> str:
+    """The error of a dry run with ZeRO's old bucket allocation (no device)."""
+    def cpu_flat(self, b, tensors, dtype, out=None):
+        flat = torch.empty(b.shard * self.layout.zero1, dtype=dtype) if out is None else out
+        torch.cat([tensors[i].reshape(-1).to(dtype) for i in b.indices], out=flat[: b.numel])
+        return flat
+
+    zero.HybridZeroOptimizer._bucket_flat = cpu_flat
+    try:
+        dry_run(tiny(dict(zero1=-1), {}), 2, device="cuda")
+    except RuntimeError as err:
+        return f"{type(err).__name__}: {err}"
+    return "no error"
+
+
+def recomputation_peaks() -> list[int]:
+    """Saved-activation peaks without and with activation checkpointing."""
+    return [dry_run(tiny(dict(zero1=1), {}, checkpoint=ckpt), 2,
+                    device="cuda")["bytes"]["activations_peak"] for ckpt in (False, True)]
+
+
+@pytest.fixture(scope="module")
+def results() -> dict:
+    return isolated("t.all_results()")
+
+
 @pytest.mark.parametrize("name", LAYOUTS)
-def test_every_layout_runs_on_the_fake_accelerator(name):
+def test_every_layout_runs_on_the_fake_accelerator(name, results):
     world, parallel, hz = LAYOUTS[name]
     cfg = tiny(parallel, hz)
-    report = dry_run(cfg, world, rank=world - 1, device="cuda")
+    report = results["layouts"][name]
     assert set(report) == {"world", "rank", "layout", "bytes", "comm"}
     assert set(report["bytes"]) == set(BYTE_KEYS)
     got, want = report["bytes"], expected_bytes(cfg, world)
@@ -84,26 +134,18 @@ def test_every_layout_runs_on_the_fake_accelerator(name):
         assert any(k.startswith(("reduce_scatter/", "all_reduce/zero1_replica")) for k in comm)
 
 
-def test_a_buffer_left_on_the_cpu_fails_the_dry_run(monkeypatch):
+def test_a_buffer_left_on_the_cpu_fails_the_dry_run(results):
     """The old ZeRO bucket allocation (no device) is what NCCL runs would die on: caught here."""
-    def cpu_flat(self, b, tensors, dtype, out=None):
-        flat = torch.empty(b.shard * self.layout.zero1, dtype=dtype) if out is None else out
-        torch.cat([tensors[i].reshape(-1).to(dtype) for i in b.indices], out=flat[: b.numel])
-        return flat
-
-    monkeypatch.setattr(zero.HybridZeroOptimizer, "_bucket_flat", cpu_flat)
-    with pytest.raises(RuntimeError, match="cpu"):
-        dry_run(tiny(dict(zero1=-1), {}), 2, device="cuda")
+    error = results["cpu_error"]
+    assert "cpu" in error and "gpu" in error, error
 
 
-def test_recomputation_shrinks_the_saved_activations():
-    plain = dry_run(tiny(dict(zero1=1), {}), 2, device="cpu")["bytes"]["activations_peak"]
-    recomputed = dry_run(tiny(dict(zero1=1), {}, checkpoint=True), 2,
-                         device="cpu")["bytes"]["activations_peak"]
+def test_recomputation_shrinks_the_saved_activations(results):
+    plain, recomputed = results["recompute"]
     assert recomputed < plain / 2
 
 
-def test_command_line_writes_the_report(tmp_path, capsys):
+def test_command_line_writes_the_report(tmp_path):
     config = tmp_path / "tiny.py"
     config.write_text("model_type = 'INTERNLM2_PUBLIC'\n"
                       "data = dict(seq_len=32, micro_bsz=1, micro_num=2, total_steps=4)\n"
@@ -111,9 +153,13 @@ def test_command_line_writes_the_report(tmp_path, capsys):
                       "num_kv_attention_heads=2, vocab_size=256, multiple_of=16, "
                       "dtype='torch.bfloat16')\n"
                       "parallel = dict(zero1=4, tensor=dict(size=2, mode='msp'))\n")
-    assert main(["dryrun", "--config", str(config), "--world", "8", "--rank", "3",
-                 "--run-dir", str(tmp_path / "run")]) == 0
+    out = subprocess.run([sys.executable, "train.py", "--config", str(config), "--dry-run",
+                          "--world", "8", "--rank", "3", "--run-dir", str(tmp_path / "run")],
+                         capture_output=True, text=True, timeout=600,
+                         cwd=Path(__file__).parent.parent)
+    assert out.returncode == 0, out.stderr[-3000:]
     report = json.loads((tmp_path / "run" / "dryrun.json").read_text())
     assert (report["world"], report["rank"]) == (8, 3)
     assert report["layout"]["zero1"] == 4 and report["layout"]["tensor"] == 2
-    assert "optimizer_states" in capsys.readouterr().out
+    assert set(report["bytes"]) == set(BYTE_KEYS)
+    assert "optimizer_states" in out.stdout
