@@ -48,7 +48,7 @@ def add_dry_run_arguments(parser: argparse.ArgumentParser) -> None:
 def run_dry(args: argparse.Namespace) -> dict:
     """``--dry-run``: build rank ``--rank`` of a ``--world`` run on fake tensors, run one step,
     write ``<run dir>/dryrun.json`` and print the table; returns the report."""
-    from internevo.config import load_config, parse_override
+    from internevo.config import ConfigError, load_config, parse_override
     from internevo.train.dryrun import dry_run, format_report, write_report
     from internevo.train.trainer import run_dir_for
 
