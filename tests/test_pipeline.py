@@ -251,12 +251,19 @@ def pp_train(cfg: TrainConfig, rank: int, world: int, steps: int) -> dict:
     """``steps`` steps of ``cfg`` on this rank: the records and the optimizer state."""
     with tempfile.TemporaryDirectory() as run_dir:
         trainer = make_trainer(cfg, rank, world, Path(run_dir))
+        lay, per_rank = trainer.layout, GLOBAL_ROWS // trainer.layout.data
+        with torch.no_grad():  # forward-only through the stages, on batch 0
+            trainer.model.eval()
+            start = lay.dp_rank * per_rank
+            valid = trainer.valid_totals(rows_of(global_batches()[0], start, start + per_rank))
+            trainer.model.train()
         records = pp_steps(trainer, global_batches(), 0, steps)
         state = trainer.optimizer.state_dict()
         for tensors in state["params"].values():  # tensor-parallel shards -> full tensors
             for key, t in tensors.items():
                 tensors[key] = t.full_tensor() if hasattr(t, "full_tensor") else t
-        return {"records": records, "state": state}
+        return {"records": records, "state": state, "valid": valid,
+                "counts_valid": lay.pp_rank == lay.pipeline - 1 and lay.tp_rank == 0}
 
 
 # checkpoint legs: world -> (parallel section, source leg, save as, first batch, last batch)
@@ -341,6 +348,17 @@ def test_pipeline_training_equals_one_process(references, pipelined):
                 got = union[pname][key].reshape(want.shape)  # Wqkv: [3, H*d, h] under tp
                 torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5,
                                            msg=f"{name} {pname} {key}")
+
+
+def test_validation_through_the_pipeline_equals_one_process(references, pipelined):
+    """Summed NLL, correct predictions and tokens of a forward-only pass before training: the
+    last stage's (tensor rank 0), summed over data ranks, equal the single process's."""
+    world, ranks = pipelined
+    for name, (model_type, _, _, _) in CASES[world].items():
+        got = sum(r[name]["valid"] for r in ranks if r[name]["counts_valid"])
+        want = references[model_type]["valid"]
+        assert want[2] > 0
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6, msg=name)
 
 
 def test_counted_p2p_bytes_equal_shapes_times_micro_batches(pipelined):
