@@ -24,8 +24,8 @@ from internevo.parallel.apply import parallelize
 from internevo.parallel.comm import Comm, human_bytes
 from internevo.parallel.layout import ParallelLayout
 from internevo.parallel.spawn import spawn_ranks
-from internevo.parallel.tensor import saved_activation_bytes
 from internevo.parallel.zero import local_tensor
+from tests.oracles import saved_activation_bytes
 
 
 def make_config(seq: int, hidden: int, sp: int, wp: int) -> TrainConfig:

@@ -16,6 +16,7 @@ from torch import Tensor, nn
 
 from internevo.config import TrainConfig
 from internevo.models.build import model_dtype
+from internevo.models.common import ffn_hidden
 from internevo.parallel.layout import ParallelLayout
 from internevo.parallel.zero import plan_buckets
 
@@ -98,6 +99,30 @@ def expected_block_collectives(cfg: TrainConfig, mode: str, tokens: int,
     return {("all_gather", GROUP): (gathers, gathers * act),
             ("reduce_scatter", GROUP): (4, 4 * act),
             ("all_reduce", GROUP): (2 + (bias_bytes > 0), 2 * norm_bytes + bias_bytes)}
+
+
+def expected_isp_block_collectives(cfg: TrainConfig, tokens: int, sp: int, wp: int) -> dict:
+    """One isp block's collectives for a row of ``tokens``, from the shapes (fp32, 4 bytes): each
+    of the five linears' weight (+ bias) gathered in forward and in backward and its gradient
+    reduce-scattered; q, k, v in one all-to-all and the attention output in another, both ways;
+    the two norm-weight gradients all-reduced over the weight group."""
+    m = cfg.model
+    h, heads, kv = m.hidden_size, m.num_attention_heads, cfg.num_kv_heads
+    d, f = h // heads, ffn_hidden(h, m.mlp_ratio, m.multiple_of)
+    if cfg.model_type == "INTERNLM":  # Wqkv [3h, h] + bias, out_proj [h, h] + bias
+        attn = (3 * h * h + 3 * h) + (h * h + h)
+    else:  # wqkv [(H + 2 KV) d, h], wo [h, H d]
+        attn = (heads + 2 * kv) * d * h + h * heads * d
+    weights = 4 * (attn + 3 * h * f)
+    out = {}
+    if wp > 1:
+        out[("all_gather", "weight")] = (10, 2 * weights)
+        out[("reduce_scatter", "weight")] = (5, weights)
+        out[("all_reduce", "weight")] = (2, 2 * 4 * h)
+    if sp > 1:
+        local = tokens // sp
+        out[("all_to_all", "tensor")] = (4, 2 * 4 * local * d * ((heads + 2 * kv) + heads))
+    return out
 
 
 def saved_activation_bytes(model: nn.Module, ids: Tensor, cu_seqlens: Any,

@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as dist
+from oracles import expected_isp_block_collectives
 from test_tensor_parallel import (
     CU,
     SEED,
@@ -33,7 +34,6 @@ from test_tensor_parallel import (
 )
 
 from internevo.config import ConfigError, TrainConfig
-from internevo.models.common import ffn_hidden
 from internevo.parallel.apply import build_loss, parallelize
 from internevo.parallel.comm import Comm
 from internevo.parallel.layout import ParallelLayout, enumerate_groups
@@ -67,29 +67,6 @@ def run_case(cfg: TrainConfig, layout: ParallelLayout, comm: Comm) -> dict:
     logits = gather_dim(comm, logits.detach(), 1)
     return {"logits": logits, "loss": loss.item(), "grads": grads,
             "block_comm": block_collectives(model, comm)}
-
-
-def expected_block_collectives(cfg: TrainConfig, sp: int, wp: int) -> dict:
-    """One block's collectives, from the shapes (fp32, 4 bytes): each of the five linears'
-    weight (+ bias) gathered in forward and in backward and its gradient reduce-scattered; q, k,
-    v in one all-to-all and the attention output in another, both ways; two norm gradients."""
-    m = cfg.model
-    h, heads, kv = m.hidden_size, m.num_attention_heads, cfg.num_kv_heads
-    d, f = h // heads, ffn_hidden(h, m.mlp_ratio, m.multiple_of)
-    if cfg.model_type == "INTERNLM":  # Wqkv [3h, h] + bias, out_proj [h, h] + bias
-        attn = (3 * h * h + 3 * h) + (h * h + h)
-    else:  # wqkv [(H + 2 KV) d, h], wo [h, H d]
-        attn = (heads + 2 * kv) * d * h + h * heads * d
-    weights = 4 * (attn + 3 * h * f)
-    out = {}
-    if wp > 1:
-        out[("all_gather", "weight")] = (10, 2 * weights)
-        out[("reduce_scatter", "weight")] = (5, weights)
-        out[("all_reduce", "weight")] = (2, 2 * 4 * h)
-    if sp > 1:
-        tokens = SEQ // sp
-        out[("all_to_all", "tensor")] = (4, 2 * 4 * tokens * d * ((heads + 2 * kv) + heads))
-    return out
 
 
 CASES = {  # world -> [(model_type, sp, wp, overlap, model overrides)]
@@ -174,7 +151,8 @@ def test_isp_equals_single_process(spawned) -> None:
 def test_isp_block_collectives_match_shapes(spawned) -> None:
     world, results, *_ = spawned
     for index, (model_type, sp, wp, _, kw) in enumerate(CASES[world]):
-        expected = expected_block_collectives(isp_config(model_type, sp, wp, **kw), sp, wp)
+        expected = expected_isp_block_collectives(isp_config(model_type, sp, wp, **kw), SEQ,
+                                                  sp, wp)
         for rank_results in results:
             assert rank_results["cases"][index]["block_comm"] == expected, CASES[world][index]
 

@@ -210,8 +210,9 @@ class WeightParallel:
         out = flat.new_empty(flat.shape[1])
         self.comm.reduce_scatter(out, flat.reshape(-1), WEIGHT)
         sizes = [g.numel() // wp for g in grads]
-        return [piece.view(g.shape[0] // wp, *g.shape[1:])
-                for piece, g in zip(out.split(sizes), grads)]
+        shards = [piece.view(g.shape[0] // wp, *g.shape[1:])
+                  for piece, g in zip(out.split(sizes), grads)]
+        return shards[:1] + [s.clone() for s in shards[1:]]  # a bias grad gets its own storage
 
 
 def _params(module: nn.Module) -> list[Tensor]:
