@@ -240,9 +240,9 @@ def internlm2_rank_stages(sd, cfg, tp, pp):
             for p, stage in enumerate(to_stages(ranks[t], cfg, pp))}
 
 
-def resume_cfg(tmp_path, total_steps, load_from="ie"):
+def resume_cfg(tmp_path, total_steps, load_from="ie", save_to="ours"):
     """The resumed run's config file (InternEvo's keys)."""
-    path = tmp_path / f"resume_{load_from}.py"
+    path = tmp_path / f"resume_{load_from}_{save_to}.py"
     path.write_text(f"""
 model_type = "INTERNLM2_PUBLIC"
 model = {dict(TINY, vocab_size=256, num_kv_attention_heads=2)!r}
@@ -250,7 +250,7 @@ data = dict(seq_len=16, micro_bsz=2, micro_num=2, total_steps={total_steps}, num
 adam = dict(lr=1e-2)
 enable_tb = False
 lr_scheduler = dict(total_steps=10, warmup_ratio=0.2, eta_min=1e-3)
-ckpt = dict(save_ckpt_folder={str(tmp_path / "ours")!r}, enable_save_ckpt=False,
+ckpt = dict(save_ckpt_folder={str(tmp_path / save_to)!r}, enable_save_ckpt=False,
             load_ckpt_info=dict(path={str(tmp_path / load_from)!r}, content=("all",),
                                 ckpt_type="internevo"))
 """)
@@ -312,7 +312,9 @@ def test_resumed_internevo_run_continues_with_its_state(tmp_path):
     torch.save("# the run's config text\n", folder / "config_file.pt")
     (folder / f"{steps}.step").write_text("{'step': 3}")
 
-    t = trainer_of(cfg, tmp_path / "run")
+    # auto_resume finds the InternEvo checkpoint in save_ckpt_folder (before load_ckpt_info)
+    t = trainer_of(resume_cfg(tmp_path, batch_count + 1, "elsewhere", "ie"), tmp_path / "run")
+    assert t.ckpt.resume_request().path == folder
     t.ckpt.maybe_resume()
     st = t.state
     assert (st.batch_count, st.step_count, st.num_consumed_tokens, st.inf_nan_skip_batches) == \

@@ -474,8 +474,14 @@ class CheckpointManager:
         return self.explicit
 
     def _agreed_latest(self) -> Optional[Path]:
-        """Rank 0 picks the newest complete checkpoint and tells the others (one decision)."""
-        latest = latest_checkpoint(self.save_folder) if self.layout.rank == 0 else None
+        """Rank 0 picks the newest complete checkpoint and tells the others (one decision).
+        A complete InternEvo checkpoint in the save folder counts too (an InternEvo run's
+        ``save_ckpt_folder`` continues here)."""
+        latest = None
+        if self.layout.rank == 0:
+            found = [p for p in (latest_checkpoint(self.save_folder),
+                                 find_checkpoint(self.save_folder, complete_only=True)) if p]
+            latest = max(found, key=lambda p: int(p.name)) if found else None
         step = torch.tensor([int(latest.name) if latest else -1], dtype=torch.int64,
                             device=self.device)
         self.comm.broadcast(step, "world")

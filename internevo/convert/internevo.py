@@ -75,9 +75,10 @@ def has_model_files(folder: Path) -> bool:
     return any(p.fullmatch(f.name) for f in folder.iterdir() for p in patterns)
 
 
-def find_checkpoint(path: Path) -> Optional[Path]:
+def find_checkpoint(path: Path, complete_only: bool = False) -> Optional[Path]:
     """``path`` itself when it is an InternEvo checkpoint; in a save folder, the newest step
-    folder with a ``<step>.step`` marker (else the newest one with model files, as InternEvo)."""
+    folder with a ``<step>.step`` marker (else, unless ``complete_only``, the newest one with
+    model files, as InternEvo does)."""
     if has_model_files(path):
         return path
     if not path.is_dir():
@@ -85,7 +86,9 @@ def find_checkpoint(path: Path) -> Optional[Path]:
     steps = sorted((int(c.name), c) for c in path.iterdir()
                    if c.name.isdigit() and has_model_files(c))
     marked = [c for s, c in steps if (c / f"{s}.step").is_file()]
-    return marked[-1] if marked else (steps[-1][1] if steps else None)
+    if marked or complete_only:
+        return marked[-1] if marked else None
+    return steps[-1][1] if steps else None
 
 
 def _safe_numpy_globals() -> list:
