@@ -19,6 +19,10 @@ from internevo.convert import hf, hf_folder, safetensors_io
 from internevo.convert import internevo as ie
 from internevo.models.build import build_model
 from internevo.models.loss import lm_loss
+from internevo.parallel.comm import Comm
+from internevo.parallel.layout import ParallelLayout
+from internevo.parallel.spawn import spawn_ranks
+from internevo.train.trainer import Trainer
 
 pytestmark = pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
 
@@ -259,9 +263,6 @@ ckpt = dict(save_ckpt_folder={str(tmp_path / save_to)!r}, enable_save_ckpt=False
 
 def trainer_of(cfg, run_dir):
     from internevo.launch import seed_everything
-    from internevo.parallel.comm import Comm
-    from internevo.parallel.layout import ParallelLayout
-    from internevo.train.trainer import Trainer
 
     seed_everything(1024)
     layout = ParallelLayout.from_config(cfg, 1, 0)
@@ -372,3 +373,57 @@ def test_cli_to_internevo_then_from_internevo(tmp_path):
     assert back_cfg.model.hidden_size == 32 and back.keys() == sd.keys()
     assert all(torch.equal(back[k], sd[k]) for k in sd)
     assert cli.main(args) == 2  # the target already holds model files: one error line
+
+
+def _load_at_tp2(rank, world, cfg, run_dir):
+    """Rank body: load the InternEvo checkpoint of ``cfg`` at tensor size 2; full tensors back."""
+    from internevo.checkpoint.format import from_checkpoint_shape
+    from internevo.models.registry import get_spec
+
+    layout = ParallelLayout.from_config(cfg, world, rank)
+    layout.build_groups()
+    t = Trainer(cfg, layout, Comm(layout), torch.device("cpu"), run_dir)
+    t.ckpt.maybe_resume()
+    spec = get_spec(cfg.model_type)
+
+    def full(name, x):
+        x = x.full_tensor() if hasattr(x, "full_tensor") else x
+        return from_checkpoint_shape(spec, name, x.detach()).clone()
+
+    opt = t.optimizer.state_dict()
+    return {"weights": {n: full(n, p) for n, p in t.model.named_parameters()},
+            "optimizer": {n: {k: full(n, v) for k, v in d.items()}
+                          for n, d in opt["params"].items()}, "step": opt["step"],
+            "batch_count": t.state.batch_count}
+
+
+def test_internlm_v1_checkpoint_loads_at_tensor_size_2(tmp_path):
+    """InternEvo tp 2 / pp 2 / zero1 2 (v1, biases) -> our run at tp 2 (msp, DTensor shards)."""
+    cfg = config_from_dict(dict(
+        model_type="INTERNLM", model={**TINY, "vocab_size": 256},
+        data=dict(seq_len=16, micro_bsz=1, micro_num=2, total_steps=1, num_worker=0),
+        enable_tb=False, parallel=dict(tensor=dict(size=2, mode="msp")),
+        ckpt=dict(enable_save_ckpt=False, load_ckpt_info=dict(
+            path=str(tmp_path / "ie"), content=("model", "optimizer"), ckpt_type="internevo"))))
+    fulls = [random_state(cfg, seed=s) for s in range(4)]
+    fulls[3] = {k: v.abs() for k, v in fulls[3].items()}
+    stages = []
+    for full in fulls:
+        hf_sd = hf.to_hf_state_dict(full, cfg, "llama")
+        stages.append({(t, p): s for t in range(2) for p, s in
+                       enumerate(to_stages(v1_rank_tensors(hf_sd, cfg, t, 2, False), cfg, 2))})
+    folder = tmp_path / "ie"
+    folder.mkdir()
+    for key, stage in stages[0].items():
+        torch.save(stage, folder / "model_tp{}_pp{}.pt".format(*key))
+    write_internevo_optimizer(folder, stages[0], stages[1:], zo=2, world=8, step=5,
+                              scaler={"_scale": 1.0, "_growth_step": 0, "_hysteresis_step": 0})
+    torch.save(dict(batch_count=6, step_count=5, num_consumed_tokens=0, inf_nan_skip_batches=0),
+               folder / "context.pt")
+    results = spawn_ranks(_load_at_tp2, 2, cfg, str(tmp_path / "run"))
+    for got in results:
+        assert got["step"] == 5 and got["batch_count"] == 7
+        for name, w in fulls[0].items():
+            assert torch.equal(got["weights"][name], w), name
+            for key, full in zip(("master", "exp_avg", "exp_avg_sq"), fulls[1:]):
+                assert torch.equal(got["optimizer"][name][key], full[name]), (name, key)
