@@ -676,6 +676,9 @@ def _validate_parallel(cfg: TrainConfig, where: str) -> None:
     for key in ("tensor", "pipeline", "weight"):
         size = getattr(p, key).size
         _check(size >= 1, where, f"parallel.{key}.size", f"must be >= 1, got {size}")
+    _check(not (cfg.model.norm_head and p.tensor.mode == "isp"), where, "model.norm_head",
+           "is not supported with parallel.tensor.mode='isp' by this version (isp gathers the "
+           "head's weight shards inside its own linear); use mtp, msp or fsp")
     _check(p.weight.size == 1 or p.tensor.mode == "isp", where, "parallel.weight.size",
            f"weight parallel (size={p.weight.size}) needs parallel.tensor.mode='isp'")
     _check(p.zero1.size != 0, where, "parallel.zero1.size", "use -1 (all of data parallel) or >= 1")

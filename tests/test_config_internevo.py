@@ -101,3 +101,11 @@ def test_deepnorm_is_refused_with_what_it_is():
     with pytest.raises(ConfigError, match=r"model\.deepnorm: DeepNorm \(post-norm residuals.*"
                                           r"not supported"):
         config_from_dict({"model_type": "INTERNLM2_PUBLIC", "model": dict(deepnorm=True)})
+
+
+def test_norm_head_with_isp_is_refused():
+    model = {"model_type": "INTERNLM2_PUBLIC", "model": dict(norm_head=True)}
+    assert config_from_dict(model).model.norm_head
+    with pytest.raises(ConfigError, match=r"model\.norm_head: is not supported with "
+                                          r"parallel\.tensor\.mode='isp'"):
+        config_from_dict({**model, "parallel": dict(tensor=dict(size=1, mode="isp"))})
