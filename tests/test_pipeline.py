@@ -198,7 +198,9 @@ CASES = {
     4: {"pp4": ("INTERNLM", dict(pipeline=4), {}, STEPS),
         "pp2_dp2_zero1=2": ("INTERNLM2_PUBLIC", dict(pipeline=2, zero1=2), {}, STEPS),
         "pp2_tp2_msp": ("INTERNLM", dict(pipeline=2, tensor=dict(size=2, mode="msp")), {},
-                        STEPS)},
+                        STEPS),
+        "pp2_isp2_wp2": ("INTERNLM2_PUBLIC", dict(pipeline=2, tensor=dict(size=2, mode="isp"),
+                                                  weight=dict(size=2)), {}, STEPS)},
     8: {"pp2_dp2_tp2_fsp": ("INTERNLM2_PUBLIC",
                             dict(pipeline=2, zero1=2, tensor=dict(size=2, mode="fsp")), {}, 5)},
 }
@@ -370,7 +372,7 @@ def test_counted_p2p_bytes_equal_shapes_times_micro_batches(pipelined):
             else parallel["pipeline"]["size"]
         tensor = parallel.get("tensor", {"size": 1, "mode": "mtp"})
         micro = GLOBAL_ROWS // (world // pp // tensor["size"])  # rows per data rank
-        shards = tensor["size"] if tensor["mode"] in ("msp", "fsp") else 1
+        shards = tensor["size"] if tensor["mode"] in ("msp", "fsp", "isp") else 1
         chunks = model.get("num_chunks", 1)
         for rank, res in enumerate(ranks):
             stages = [c * pp + rank // (world // pp) for c in range(chunks)]

@@ -300,8 +300,9 @@ def apply_isp(model: nn.Module, cfg: TrainConfig, layout: ParallelLayout, comm: 
         for m in linears:
             _weight_parallel(m, WeightParallelLinear, tp, wp)
         wp.add_unit(linears)
-    _weight_parallel(model.get_submodule(plan.head), WeightParallelLinear, tp, wp)
-    _weight_parallel(model.get_submodule(plan.embedding), WeightParallelEmbedding, tp, wp)
+    for name, cls in ((plan.head, WeightParallelLinear), (plan.embedding, WeightParallelEmbedding)):
+        if getattr(model, name) is not None:  # a pipeline stage may hold neither
+            _weight_parallel(getattr(model, name), cls, tp, wp)
     for module in model.modules():
         if type(module) is RMSNorm:
             _swap(module, SequenceParallelRMSNorm, tp, {})

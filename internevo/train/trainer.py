@@ -192,9 +192,9 @@ class Trainer:
 
     def activation_shape(self, batch: dict) -> tuple[int, int, int]:
         """The hidden state crossing a stage boundary: ``[1, P, h]``, ``P / tp`` tokens under
-        sequence parallel (msp, fsp)."""
+        sequence parallel (msp, fsp, isp)."""
         lay = self.layout
-        shards = lay.tensor if lay.tensor_mode in ("msp", "fsp") else 1
+        shards = lay.tensor if lay.tensor_mode in ("msp", "fsp", "isp") else 1
         return (1, batch["input_ids"].shape[1] // shards, self.cfg.model.hidden_size)
 
     def zero_stats(self) -> dict:
