@@ -7,7 +7,10 @@ compares every owned gradient with the same chain run in one process.
 
 from __future__ import annotations
 
+import json
 import math
+import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
@@ -23,6 +26,7 @@ from internevo.parallel.layout import ParallelLayout
 from internevo.parallel.pipeline import (
     Chunk,
     PipelineRunner,
+    build_stage_model,
     forward_only,
     interleaved,
     one_f_one_b,
@@ -32,6 +36,7 @@ from internevo.parallel.pipeline import (
     train_schedule,
 )
 from internevo.parallel.spawn import spawn_ranks
+from internevo.train.dryrun import dry_run
 from internevo.train.trainer import Trainer
 
 
@@ -395,3 +400,33 @@ def test_checkpoint_pp2_to_tp2_to_pp4_continues_exactly(references, pipelined):
         assert len(res["legs"]) == len(LEGS[world])
         for records, (_, _, save_as, first, _) in zip(res["legs"], LEGS[world]):
             _assert_records_match(records, ref, first, f"leg {save_as} rank {rank}")
+
+
+# ------------------------------------------------------------------------------------ dry run
+DRY = dict(pipeline=2, zero1=1)  # world 4: dp 2; rank 1 is stage 0, rank 2 stage 1
+
+
+def dry_run_stages() -> list[dict]:
+    """The dry run of one rank per stage (fake accelerator: the GPU code path, where a buffer
+    left on the CPU fails), in this interpreter."""
+    cfg = pp_config("INTERNLM2_PUBLIC", DRY, {})
+    return [dry_run(cfg, 4, rank=r, device="cuda") for r in (1, 2)]
+
+
+def test_dry_run_reports_each_stage():
+    """Per stage: fp32 parameters of that stage only, and its P2P bytes for M micro-batches of
+    [1, 32, 64] fp32 each way."""
+    code = (f"import json, sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); "
+            "import test_pipeline as t; print('RESULT', json.dumps(t.dry_run_stages()))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
+    lines = [ln for ln in out.stdout.splitlines() if ln.startswith("RESULT ")]
+    assert out.returncode == 0 and lines, out.stderr[-3000:]
+    cfg = pp_config("INTERNLM2_PUBLIC", DRY, {})
+    for report in json.loads(lines[-1][len("RESULT "):]):
+        layout = ParallelLayout.from_config(cfg, 4, report["rank"])
+        stage = build_stage_model(cfg, layout, seed=0)
+        assert report["bytes"]["params"] == 4 * sum(p.numel() for p in stage.parameters())
+        micro = cfg.data.micro_num  # the loader's rows per data rank
+        assert report["comm"]["send/pipeline"] == micro * SEQ * 64 * 4
+        assert report["comm"]["recv/pipeline"] == micro * SEQ * 64 * 4
+

@@ -450,7 +450,8 @@ def format_report(report: dict) -> str:
 
     lay = report["layout"]
     head = (f"dry run: world {report['world']} rank {report['rank']} | tensor {lay['tensor']} "
-            f"({lay['tensor_mode']}) data {lay['data']} zero1 {lay['zero1']} fsdp {lay['fsdp']}")
+            f"({lay['tensor_mode']}) data {lay['data']} pipeline {lay['pipeline']} zero1 "
+            f"{lay['zero1']} fsdp {lay['fsdp']}")
     lines = [head, f"{'bytes':<22}{'per rank':>14}"]
     lines += [f"{k:<22}{human_bytes(v):>14}" for k, v in report["bytes"].items()]
     lines.append(f"{'comm per step':<22}{'payload':>14}")

@@ -199,12 +199,13 @@ class Trainer:
 
     def zero_stats(self) -> dict:
         """Empty per-type metric sums (what a stage without the head contributes)."""
-        return {k: torch.zeros(self.num_types, dtype=torch.float64)
+        return {k: torch.zeros(self.num_types, dtype=torch.float64, device=self.device)
                 for k in ("tokens", "correct", "nll")}
 
     def from_last_stage(self, loss: float, stats: dict) -> tuple[float, dict]:
         """The last pipeline stage's loss and metric sums, broadcast to every stage."""
-        packed = torch.cat([torch.tensor([loss], dtype=torch.float64), *stats.values()])
+        packed = torch.cat([torch.tensor([loss], dtype=torch.float64, device=self.device),
+                            *stats.values()])
         self.comm.broadcast(packed, "pipeline", self.layout.pipeline - 1)
         parts = packed[1:].split(self.num_types)
         return packed[0].item(), dict(zip(stats, parts))
@@ -344,7 +345,7 @@ class Trainer:
     def valid_totals(self, batch: dict) -> torch.Tensor:
         """Summed NLL, correct predictions and tokens of one validation batch (forward only;
         through the pipeline stages under pipeline parallel, zeros except on the last stage)."""
-        totals = torch.zeros(3, dtype=torch.float64)
+        totals = torch.zeros(3, dtype=torch.float64, device=self.device)
         rows = batch["input_ids"].shape[0]
         if self.pipeline is None:
             for m in range(rows):
