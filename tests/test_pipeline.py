@@ -100,6 +100,38 @@ def test_simulated_bubble_equals_theory(pp, micro, chunks):
     assert 1 - busy / (pp * end) == pytest.approx((pp - 1) / (chunks * micro + pp - 1))
 
 
+def _channel_orders(pp: int, micro: int, chunks: int, forward: bool = False) -> tuple:
+    """Per directed channel (rank a -> rank b): the messages in the order the sender posts them,
+    and in the order the receiver posts its receives (activations "A", gradients "G")."""
+    sends: dict = {}
+    recvs: dict = {}
+    last = pp * chunks - 1
+    for r in range(pp):
+        acts = forward_only(micro, chunks) if forward else train_schedule(pp, r, micro, chunks)
+        for a in acts:
+            s, kind = a.chunk * pp + r, "A" if a.kind == "F" else "G"
+            src, dst = (s - 1, s + 1) if kind == "A" else (s + 1, s - 1)
+            if 0 <= src <= last:
+                recvs.setdefault((src % pp, r), []).append((kind, a.micro, s))
+            if 0 <= dst <= last:
+                sends.setdefault((r, dst % pp), []).append((kind, a.micro, dst))
+    return sends, recvs
+
+
+@pytest.mark.parametrize("pp,micro,chunks", [(2, 4, 1), (4, 8, 1), (2, 4, 2), (2, 8, 2),
+                                             (4, 8, 2), (4, 4, 2), (2, 2, 3)])
+def test_every_channel_is_ordered_alike_at_both_ends(pp, micro, chunks):
+    """Messages are matched by order (NCCL ignores tags): the sender's order must be the
+    receiver's on every channel, also where activations and gradients share one (pp=2,
+    interleaved)."""
+    for forward in (False, True):
+        sends, recvs = _channel_orders(pp, micro, chunks, forward)
+        assert sends == recvs
+    sends, _ = _channel_orders(pp, micro, chunks)
+    mixed = any(len({m[0] for m in msgs}) == 2 for msgs in sends.values())
+    assert mixed == (pp == 2 and chunks > 1)  # the case tags would otherwise be needed for
+
+
 def test_forward_only_runs_each_chunk_once_per_micro_batch():
     assert [(a.chunk, a.micro) for a in forward_only(2, 2)] == [(0, 0), (0, 1), (1, 0), (1, 1)]
     assert {a.kind for a in train_schedule(4, 1, 4, 2)} == {"F", "B"}

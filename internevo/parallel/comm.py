@@ -173,22 +173,24 @@ class Comm:
         dist.all_to_all_single(output, input, group=pg)
 
     def send(self, tensor: torch.Tensor, group: str, peer_in_group: int,
-             tag: int = 0) -> Optional[dist.Work]:
-        """Asynchronous point-to-point send to the group's ``peer_in_group``-th member."""
-        pg = self._group(group)
+             process_group: Any = None) -> Optional[dist.Work]:
+        """Asynchronous point-to-point send to the group's ``peer_in_group``-th member
+        (``process_group``: another communicator over the same members, counted as ``group``)."""
+        pg = self._group(group, process_group)
         if pg is None:
             return None
         self._record("send", group, tensor)
-        return dist.isend(tensor, dst=self.layout.ranks(group)[peer_in_group], group=pg, tag=tag)
+        return dist.isend(tensor, dst=self.layout.ranks(group)[peer_in_group], group=pg)
 
-    def recv(self, tensor: torch.Tensor, group: str, peer_in_group: int, tag: int = 0) -> None:
-        """Blocking point-to-point receive into ``tensor`` from the group's ``peer_in_group``-th
-        member."""
-        pg = self._group(group)
+    def recv(self, tensor: torch.Tensor, group: str, peer_in_group: int,
+             process_group: Any = None) -> None:
+        """Point-to-point receive into ``tensor`` from the group's ``peer_in_group``-th member
+        (blocks until it arrived; ``process_group`` as in :meth:`send`)."""
+        pg = self._group(group, process_group)
         if pg is None:
             return
         self._record("recv", group, tensor)
-        dist.recv(tensor, src=self.layout.ranks(group)[peer_in_group], group=pg, tag=tag)
+        dist.recv(tensor, src=self.layout.ranks(group)[peer_in_group], group=pg)
 
     def barrier(self) -> None:
         """Barrier over the world (not counted: no payload)."""

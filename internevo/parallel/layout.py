@@ -30,8 +30,10 @@ from typing import Any, Optional
 
 from internevo.config import ConfigError, TrainConfig
 
-GROUP_NAMES = ("world", "tensor", "data", "pipeline", "zero1", "zero1_replica", "weight",
-               "weight_data")
+GROUP_NAMES = ("world", "tensor", "data", "pipeline", "pipeline_reverse", "zero1", "zero1_replica",
+               "weight", "weight_data")
+"""``pipeline_reverse``: the pipeline group again, for point-to-point messages to a lower stage
+(each direction its own communicator: see ``parallel/pipeline.py``)."""
 MESH_DIMS = ("pipeline", "zero1_replica", "zero1", "tensor")
 ISP_MESH_DIMS = ("pipeline", "zero1_replica", "zero1", "weight")
 """Under isp the innermost mesh dimension is the weight group (DTensor shards live on it)."""
@@ -262,7 +264,7 @@ def enumerate_groups(layout: ParallelLayout, name: str) -> list[list[int]]:
         return [[rank(p, d, t) for t in range(tp)] for p in range(pp) for d in range(dp)]
     if name == "data":
         return [[rank(p, d, t) for d in range(dp)] for p in range(pp) for t in range(tp)]
-    if name == "pipeline":
+    if name in ("pipeline", "pipeline_reverse"):
         return [[rank(p, d, t) for p in range(pp)] for d in range(dp) for t in range(tp)]
     if name == "zero1":
         return [[rank(p, b * zo + z, t) for z in range(zo)]

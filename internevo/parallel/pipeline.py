@@ -8,9 +8,12 @@ the trainer's callback, and sends the result on.  Every send and receive goes th
 :class:`~internevo.parallel.comm.Comm` (counted as ``send`` / ``recv`` on the ``pipeline`` group).
 
 Sends are asynchronous and waited for at the end of the step; receives block only when their
-tensor is needed.  Activations travel with tag 0 and gradients with tag 1, so two stages that
-exchange both in the same direction (interleaved with two stages) never confuse them; within one
-tag, sender and receiver post their messages in the same (chunk, micro-batch) order.
+tensor is needed.  Messages are matched by order, as NCCL does (no tags): on every directed
+channel (stage a -> stage b) the sender posts its activations and gradients in exactly the order
+the receiver posts its receives (``test_every_channel_is_ordered_alike_at_both_ends``).  Messages
+to a higher pipeline rank use the ``pipeline`` group, to a lower one ``pipeline_reverse`` (same
+members, its own communicator), so that on NCCL a send never queues behind a receive from the
+same peer on one stream (two stages sending to each other at once would otherwise wait forever).
 
 Each rank holds one model (:func:`split_model`): the single-device module tree with only the
 blocks of its chunks (kept under their global indices, so parameter names and checkpoints do not
@@ -23,7 +26,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 from torch import Tensor, nn
@@ -33,8 +36,6 @@ from internevo.models.build import build_model
 from internevo.models.init import init_weights
 from internevo.parallel.comm import Comm
 from internevo.parallel.layout import ParallelLayout
-
-ACTIVATION_TAG, GRADIENT_TAG = 0, 1
 
 
 # --------------------------------------------------------------------------------- partition
@@ -272,18 +273,23 @@ class PipelineRunner:
         stage = chunk * self.pp + self.rank + step
         return stage % self.pp, stage // self.pp
 
-    def send(self, tensor: Tensor, chunk: int, step: int, tag: int) -> None:
+    def channel(self, src: int, dst: int) -> Any:
+        """The communicator of messages from pipeline rank ``src`` to ``dst``."""
+        return self.comm.layout.group("pipeline" if src < dst else "pipeline_reverse")
+
+    def send(self, tensor: Tensor, chunk: int, step: int) -> None:
         """Send ``tensor`` to the neighbour ``step`` virtual stages away (asynchronous)."""
         peer, _ = self.neighbour(chunk, step)
         tensor = tensor.detach().contiguous()
-        self.pending.append((tensor, self.comm.send(tensor, "pipeline", peer, tag)))
+        work = self.comm.send(tensor, "pipeline", peer, self.channel(self.rank, peer))
+        self.pending.append((tensor, work))
 
     def recv(self, shape: tuple, dtype: torch.dtype, device: torch.device, chunk: int,
-             step: int, tag: int) -> Tensor:
+             step: int) -> Tensor:
         """Receive a ``shape`` tensor from the neighbour ``step`` virtual stages away."""
         peer, _ = self.neighbour(chunk, step)
         out = torch.empty(shape, dtype=dtype, device=device)
-        self.comm.recv(out, "pipeline", peer, tag)
+        self.comm.recv(out, "pipeline", peer, self.channel(peer, self.rank))
         return out
 
     def run(self, actions: list[Action], chunk_info: list[Chunk],
@@ -300,22 +306,20 @@ class PipelineRunner:
         for i, a in enumerate(actions):
             chunk = chunk_info[a.chunk]
             if a.kind == "F":
-                x = None if chunk.first else self.recv(shape, dtype, device, a.chunk, -1,
-                                                       ACTIVATION_TAG)
+                x = None if chunk.first else self.recv(shape, dtype, device, a.chunk, -1)
                 if x is not None and torch.is_grad_enabled():
                     x.requires_grad_()
                 t0 = time.perf_counter()
                 out = forward(chunk, a.micro, x)
                 timing.busy_s += time.perf_counter() - t0
                 if not chunk.last:
-                    self.send(out, a.chunk, 1, ACTIVATION_TAG)
+                    self.send(out, a.chunk, 1)
                 if torch.is_grad_enabled():
                     saved[(a.chunk, a.micro)] = (x, out)
                     timing.max_in_flight = max(timing.max_in_flight, len(saved))
                 continue
             x, out = saved.pop((a.chunk, a.micro))
-            grad = None if chunk.last else self.recv(out.shape, out.dtype, device, a.chunk, 1,
-                                                     GRADIENT_TAG)
+            grad = None if chunk.last else self.recv(out.shape, out.dtype, device, a.chunk, 1)
             before_backward(i == last_b)
             t0 = time.perf_counter()
             if chunk.last:
@@ -323,7 +327,7 @@ class PipelineRunner:
             torch.autograd.backward(out, grad)
             timing.busy_s += time.perf_counter() - t0
             if x is not None:
-                self.send(x.grad, a.chunk, -1, GRADIENT_TAG)
+                self.send(x.grad, a.chunk, -1)
         self.finish()
         timing.total_s = time.perf_counter() - start
         return timing
