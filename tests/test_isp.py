@@ -2,9 +2,9 @@
 
 One spawn per world size runs every case.  Each case builds the model with the reference's seed,
 runs one packed row forward and backward on every rank (the same row on every data rank), and
-returns the full logits (gathered over the sequence), the loss and every gradient gathered to full
-shape and summed over ``weight_data`` (what the ZeRO step sums) divided by dp; they must match
-the single-process reference within 1e-5 (fp32).  The same spawn counts one block's collectives
+returns the full logits (gathered over the sequence), the loss, every gradient as the ZeRO
+optimizer reduces it (gathered to full shape) and its global norm; they must match the
+single-process reference within 1e-5 (fp32).  The same spawn counts one block's collectives
 and compares them with numbers worked out here from the shapes.  Training cases run the trainer
 for 10 steps and compare per-step losses with one process; the first saves a checkpoint that one
 process loads, and the spawn loads a single-process checkpoint into an isp layout.
@@ -17,7 +17,6 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.distributed as dist
 from oracles import expected_isp_block_collectives
 from test_tensor_parallel import (
     CU,
@@ -34,9 +33,10 @@ from test_tensor_parallel import (
 )
 
 from internevo.config import ConfigError, TrainConfig
-from internevo.parallel.apply import build_loss, parallelize
+from internevo.parallel.apply import build_loss, build_optimizer, parallelize
 from internevo.parallel.comm import Comm
 from internevo.parallel.layout import ParallelLayout, enumerate_groups
+from internevo.parallel.scaler import LossScaler
 from internevo.parallel.spawn import spawn_ranks
 from internevo.parallel.tensor import gather_dim
 
@@ -52,20 +52,19 @@ def isp_config(model_type: str, sp: int, wp: int, overlap: bool = False, **kw) -
 
 
 def run_case(cfg: TrainConfig, layout: ParallelLayout, comm: Comm) -> dict:
-    """Forward + backward of one row; full logits, loss, full gradients as one process has them."""
+    """Forward + backward of one row; full logits, loss, and the gradients as the ZeRO step
+    reduces them (gathered to full shape), with their global norm."""
     model = parallelize(cfg, layout, comm, torch.device("cpu"), SEED)
     ids, labels, pos = row()
     logits = model(ids, cu_seqlens=torch.tensor(CU, dtype=torch.int32), indexes=pos)
     loss = build_loss(cfg, layout, comm)(logits, labels)
     loss.backward()
-    grads = {}
-    for name, p in model.named_parameters():
-        g = full(p.grad)
-        if layout.weight_data > 1:
-            dist.all_reduce(g, group=layout.group("weight_data"))
-        grads[name] = g / layout.data
+    optimizer = build_optimizer(model, cfg, layout, comm, LossScaler.from_config(cfg))
+    shards = optimizer.reduce_gradients()
+    grads = dict(zip(optimizer.names, map(full, optimizer.gather_full(shards))))
     logits = gather_dim(comm, logits.detach(), 1)
     return {"logits": logits, "loss": loss.item(), "grads": grads,
+            "grad_norm": optimizer.global_grad_norm(shards),
             "block_comm": block_collectives(model, comm)}
 
 
@@ -75,18 +74,19 @@ CASES = {  # world -> [(model_type, sp, wp, overlap, model overrides)]
     4: [("INTERNLM2_PUBLIC", 2, 2, True, {}), ("INTERNLM", 2, 1, False, {}),
         ("INTERNLM2_PUBLIC", 4, 4, True, WIDE), ("INTERNLM", 4, 2, False, {})],
 }
-TRAIN = {  # world -> [(model_type, sp, wp, overlap, activation checkpointing)]
-    2: [("INTERNLM2_PUBLIC", 2, 2, True, False)],
-    4: [("INTERNLM2_PUBLIC", 2, 2, True, False), ("INTERNLM", 2, 4, True, True)],
+TRAIN = {  # world -> [(model_type, sp, wp, overlap, activation checkpointing, zero1)]
+    2: [("INTERNLM2_PUBLIC", 2, 2, True, False, -1)],
+    4: [("INTERNLM2_PUBLIC", 2, 2, True, False, -1),  # wdp 2 = zero1 2
+        ("INTERNLM", 4, 2, True, True, 1)],  # dp 1 != wdp 2; zero1 1 < wdp: replica all-reduce
 }
 
 
 def train_isp(case: tuple, rank: int, world: int, save: str) -> tuple[list, dict]:
     """``STEPS`` trainer steps of ``case``; the losses and the final full weights."""
-    model_type, sp, wp, overlap, ckpt = case
+    model_type, sp, wp, overlap, ckpt, zero1 = case
     cfg = train_config(model_type, sp, "isp", save)
     cfg.parallel.weight.size, cfg.parallel.weight.overlap = wp, overlap
-    cfg.model.checkpoint = ckpt
+    cfg.model.checkpoint, cfg.parallel.zero1.size = ckpt, zero1
     with tempfile.TemporaryDirectory() as run_dir:
         trainer, losses = train_losses(cfg, rank, world, Path(run_dir))
         if save:
@@ -100,7 +100,7 @@ def load_into_isp(case: tuple, rank: int, world: int, folder: str) -> dict:
     from internevo.checkpoint.manager import parse_load_info
     from internevo.train.trainer import Trainer
 
-    model_type, sp, wp, overlap, _ = case
+    model_type, sp, wp, overlap, *_ = case
     cfg = train_config(model_type, sp, "isp")
     cfg.parallel.weight.size, cfg.parallel.weight.overlap = wp, overlap
     layout = ParallelLayout.from_config(cfg, world, rank).build_groups()
@@ -144,8 +144,10 @@ def test_isp_equals_single_process(spawned) -> None:
     world, results, *_ = spawned
     for index, (model_type, *_, kw) in enumerate(CASES[world]):
         ref = reference(model_type, 0.0, **kw)
+        ref_norm = sum(g.double().square().sum() for g in ref["grads"].values()).sqrt().item()
         for rank_results in results:
             assert_equal(rank_results["cases"][index], ref)
+            assert rank_results["cases"][index]["grad_norm"] == pytest.approx(ref_norm, rel=1e-5)
 
 
 def test_isp_block_collectives_match_shapes(spawned) -> None:
