@@ -236,6 +236,8 @@ CASES = {
         "pp2_dp2_zero1=2": ("INTERNLM2_PUBLIC", dict(pipeline=2, zero1=2), {}, STEPS),
         "pp2_tp2_msp": ("INTERNLM", dict(pipeline=2, tensor=dict(size=2, mode="msp")), {},
                         STEPS),
+        "pp2_tp2_mtp": ("INTERNLM2_PUBLIC", dict(pipeline=2, tensor=dict(size=2, mode="mtp")), {},
+                        STEPS),
         "pp2_isp2_wp2": ("INTERNLM2_PUBLIC", dict(pipeline=2, tensor=dict(size=2, mode="isp"),
                                                   weight=dict(size=2)), {}, STEPS)},
     8: {"pp2_dp2_tp2_fsp": ("INTERNLM2_PUBLIC",
@@ -402,14 +404,15 @@ def test_validation_through_the_pipeline_equals_one_process(references, pipeline
 
 def test_counted_p2p_bytes_equal_shapes_times_micro_batches(pipelined):
     """Per stage and step: one [1, P/sp, h] fp32 tensor per micro-batch and chunk boundary, each
-    way (a boundary to a later virtual stage sends activations and receives gradients)."""
+    way (a boundary to a later virtual stage sends activations and receives gradients); under mtp
+    a 1/tp slice of the [1, P, h] tensor, all-gathered over the tensor group on arrival."""
     world, ranks = pipelined
     for name, (_, parallel, model, _) in CASES[world].items():
         pp = parallel["pipeline"] if isinstance(parallel["pipeline"], int) \
             else parallel["pipeline"]["size"]
         tensor = parallel.get("tensor", {"size": 1, "mode": "mtp"})
         micro = GLOBAL_ROWS // (world // pp // tensor["size"])  # rows per data rank
-        shards = tensor["size"] if tensor["mode"] in ("msp", "fsp", "isp") else 1
+        shards = tensor["size"]  # sequence-sharded, or (mtp) a slice of the flattened tensor
         chunks = model.get("num_chunks", 1)
         for rank, res in enumerate(ranks):
             stages = [c * pp + rank // (world // pp) for c in range(chunks)]
@@ -419,6 +422,8 @@ def test_counted_p2p_bytes_equal_shapes_times_micro_batches(pipelined):
                 assert record["comm/send/pipeline/bytes"] == want, f"{name} rank {rank}"
                 assert record["comm/recv/pipeline/bytes"] == want, f"{name} rank {rank}"
                 assert record["comm/send/pipeline/calls"] == boundaries * micro
+                if tensor["mode"] == "mtp" and shards > 1:  # the only all-gathers under mtp
+                    assert record["comm/all_gather/tensor/bytes"] == want * shards
                 assert 0 <= record["pipeline/idle_fraction"] < 1
 
 

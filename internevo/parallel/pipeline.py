@@ -23,6 +23,7 @@ last.
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -265,6 +266,9 @@ class PipelineRunner:
     """Pipeline rank."""
     pp: int
     chunks: int
+    split: int = 1
+    """Under mtp every tensor rank holds the same hidden state: each sends only its ``1/split``
+    slice and the receiver all-gathers it over the tensor group (InternEvo's scatter-gather)."""
     pending: list = field(default_factory=list)
     """Sends in flight (tensor, work), waited for at the end of the step."""
 
@@ -280,7 +284,8 @@ class PipelineRunner:
     def send(self, tensor: Tensor, chunk: int, step: int) -> None:
         """Send ``tensor`` to the neighbour ``step`` virtual stages away (asynchronous)."""
         peer, _ = self.neighbour(chunk, step)
-        tensor = tensor.detach().contiguous()
+        tensor = tensor.detach().reshape(self.split, -1)[self.comm.layout.tp_rank % self.split]
+        tensor = tensor.clone() if self.split > 1 else tensor.contiguous()
         work = self.comm.send(tensor, "pipeline", peer, self.channel(self.rank, peer))
         self.pending.append((tensor, work))
 
@@ -288,9 +293,14 @@ class PipelineRunner:
              step: int) -> Tensor:
         """Receive a ``shape`` tensor from the neighbour ``step`` virtual stages away."""
         peer, _ = self.neighbour(chunk, step)
-        out = torch.empty(shape, dtype=dtype, device=device)
-        self.comm.recv(out, "pipeline", peer, self.channel(peer, self.rank))
-        return out
+        numel = math.prod(shape)
+        piece = torch.empty(numel // self.split, dtype=dtype, device=device)
+        self.comm.recv(piece, "pipeline", peer, self.channel(peer, self.rank))
+        if self.split == 1:
+            return piece.view(shape)
+        full = torch.empty(numel, dtype=dtype, device=device)
+        self.comm.all_gather(full, piece, "tensor")
+        return full.view(shape)
 
     def run(self, actions: list[Action], chunk_info: list[Chunk],
             forward: Callable[[Chunk, int, Optional[Tensor]], Tensor],

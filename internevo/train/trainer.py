@@ -93,8 +93,9 @@ class Trainer:
         self.history: list[dict] = []
         self.fused_head = self.can_fuse_head()
         """Loss by :func:`fused_lm_loss` (tensor parallel off, plain single-device head)."""
-        self.pipeline = PipelineRunner(comm, layout.pp_rank, layout.pipeline,
-                                       cfg.model.num_chunks) if layout.pipeline > 1 else None
+        mtp = layout.tensor if layout.tensor_mode == "mtp" else 1
+        self.pipeline = PipelineRunner(comm, layout.pp_rank, layout.pipeline, cfg.model.num_chunks,
+                                       split=mtp) if layout.pipeline > 1 else None
         """Runs the pipeline schedule (None without pipeline parallel)."""
         self.chunks = layout_chunks(cfg, layout) if self.pipeline else []
         """This stage's model chunks."""
