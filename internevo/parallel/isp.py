@@ -8,11 +8,14 @@ right after it (:class:`UlyssesExchange`, plugged into the blocks through
 the RoPE tables are built for the full row and sliced with the sequence.
 
 Every linear of the model spec's per-block list (``tp_plan.block_linears()``), the output head
-and the embedding store a ``[out/wp, in]`` row block of
-their weight (and bias): a ``Shard(0)`` DTensor on the ``weight`` mesh (``wp =
-parallel.weight.size``), so checkpoints and initialisation are layout-independent as under tensor
-parallel.  :class:`WeightParallel` all-gathers a module's full weight just before its forward and
-again in its backward and frees it after use; the full weight gradient is reduce-scattered (SUM)
+and the embedding store a ``[out/wp, in]`` row block of their weight (and bias): a ``Shard(0)``
+DTensor on the ``weight`` mesh (``wp = parallel.weight.size``), so checkpoints and
+initialisation are layout-independent as under tensor parallel.  (``model.embed_split_hidden``
+and ``model.parallel_output`` have no effect under isp: the embedding looks up the local tokens
+with the gathered table and the head returns full-vocabulary logits of the local tokens.)
+
+:class:`WeightParallel` all-gathers a module's full weight just before its forward and again in
+its backward and frees it after use; the full weight gradient is reduce-scattered (SUM)
 into the shard inside autograd, so micro-batches accumulate on the shard.  With
 ``weight.overlap`` the gathers of a whole block are issued together, and the next block's (in
 forward) or the previous block's (in backward) are issued while the current one computes.
