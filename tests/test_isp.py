@@ -56,15 +56,17 @@ def run_case(cfg: TrainConfig, layout: ParallelLayout, comm: Comm) -> dict:
     reduces them (gathered to full shape), with their global norm."""
     model = parallelize(cfg, layout, comm, torch.device("cpu"), SEED)
     ids, labels, pos = row()
+    comm.reset()
     logits = model(ids, cu_seqlens=torch.tensor(CU, dtype=torch.int32), indexes=pos)
     loss = build_loss(cfg, layout, comm)(logits, labels)
     loss.backward()
+    model_comm = {k: (comm.calls[k], comm.bytes[k]) for k in comm.bytes}
     optimizer = build_optimizer(model, cfg, layout, comm, LossScaler.from_config(cfg))
     shards = optimizer.reduce_gradients()
     grads = dict(zip(optimizer.names, map(full, optimizer.gather_full(shards))))
     logits = gather_dim(comm, logits.detach(), 1)
     return {"logits": logits, "loss": loss.item(), "grads": grads,
-            "grad_norm": optimizer.global_grad_norm(shards),
+            "grad_norm": optimizer.global_grad_norm(shards), "model_comm": model_comm,
             "block_comm": block_collectives(model, comm)}
 
 
@@ -157,6 +159,29 @@ def test_isp_block_collectives_match_shapes(spawned) -> None:
                                                   sp, wp)
         for rank_results in results:
             assert rank_results["cases"][index]["block_comm"] == expected, CASES[world][index]
+
+
+def test_isp_model_collectives_match_shapes(spawned) -> None:
+    """The whole forward + backward of a row: every layer's table, plus the embedding and head
+    (gathered in forward, the head again in backward, both reduce-scattered), the final norm's
+    gradient and the loss's one scalar all-reduce over the sequence group."""
+    world, results, *_ = spawned
+    for index, (model_type, sp, wp, _, kw) in enumerate(CASES[world]):
+        cfg = isp_config(model_type, sp, wp, **kw)
+        m = cfg.model
+        block = expected_isp_block_collectives(cfg, SEQ, sp, wp)
+        table = 4 * m.vocab_size * m.hidden_size  # embedding and head, fp32
+        outside = {("all_gather", "weight"): (3, 3 * table),
+                   ("reduce_scatter", "weight"): (2, 2 * table),
+                   ("all_reduce", "weight"): (1, 4 * m.hidden_size),
+                   ("all_reduce", "tensor"): (1, 4)}
+        expected = {}
+        for key in set(block) | {k for k in outside if (wp if k[1] == "weight" else sp) > 1}:
+            calls, nbytes = block.get(key, (0, 0))
+            extra = outside.get(key, (0, 0))
+            expected[key] = (m.num_layers * calls + extra[0], m.num_layers * nbytes + extra[1])
+        for rank_results in results:
+            assert rank_results["cases"][index]["model_comm"] == expected, CASES[world][index]
 
 
 def test_isp_training_equals_single_process(spawned, tmp_path) -> None:
