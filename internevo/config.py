@@ -626,12 +626,13 @@ def _validate_data(cfg: TrainConfig, where: str) -> None:
 
 
 def _validate_model_type(cfg: TrainConfig, where: str) -> None:
-    """``model_type`` is registered and every given ``model.*`` key is one it accepts.
+    """``model_type`` is registered, every given ``model.*`` key is one it accepts, and the
+    keys the file leaves out take the type's own defaults (``spec.defaults``).
 
     The one import from config into a higher layer, done lazily at validation time: the model
     registry owns the list of types and the keys each spec accepts (tests/test_imports.py
     allows exactly this import)."""
-    from internevo.models.registry import MODEL_REGISTRY, foreign_keys
+    from internevo.models.registry import MODEL_REGISTRY, foreign_keys, get_spec
 
     _check(cfg.model_type in MODEL_REGISTRY, where, "model_type",
            f"unknown model type {cfg.model_type!r}; registered: {', '.join(MODEL_REGISTRY)}")
@@ -640,6 +641,10 @@ def _validate_model_type(cfg: TrainConfig, where: str) -> None:
     if wrong:
         raise _fail(where, f"model.{wrong[0]}", f"not a parameter of {cfg.model_type} "
                     f"(only of {', '.join(foreign[wrong[0]])})")
+    given = getattr(cfg.model, "_given", set())
+    for key, value in get_spec(cfg.model_type).defaults.items():
+        if key not in given:
+            setattr(cfg.model, key, value)
 
 
 def _validate_model(cfg: TrainConfig, where: str) -> None:

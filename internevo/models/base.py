@@ -15,6 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
+import torch
 from torch import Tensor, nn
 
 from internevo.config import ModelConfig, TrainConfig
@@ -125,6 +126,9 @@ class ModelSpec:
     """Hugging Face names, layouts and config fields."""
     checkpoint_shape: Callable[[str, tuple], Optional[tuple]] = field(
         default=_no_checkpoint_shape)
+    defaults: dict[str, Any] = field(default_factory=dict)
+    """``model.*`` values this type uses when a config file does not set them (InternEvo's
+    per-model defaults, e.g. LLAMA2's ``adapt_hf=False``); applied when a config is loaded."""
     """(name, shape) -> the tensor's layout-independent checkpoint shape, or None when it is
     saved as it is (InternLM v1's fused ``Wqkv`` is saved as ``[3, H*d, ...]``)."""
     legacy_names: Optional[Callable[[StateDict, ModelConfig], StateDict]] = None
@@ -174,3 +178,19 @@ def suffix_lookup(name: str, table: dict[str, float]) -> Optional[float]:
         if name == suffix or name.endswith("." + suffix):
             return value
     return None
+
+
+def _half_split_perm(head_dim: int) -> Tensor:
+    """Feature ``j`` of the half-split order is feature ``perm[j]`` of the interleaved order."""
+    return torch.cat((torch.arange(0, head_dim, 2), torch.arange(1, head_dim, 2)))
+
+
+def permute_heads(w: Tensor, head_dim: int, inverse: bool) -> Tensor:
+    """Reorder the rows of every ``head_dim``-row head of ``w`` from interleaved (GPT-J) to
+    half-split (NeoX) q/k feature order (``inverse``: back): what a model that stores q/k
+    interleaved (``adapt_hf=False``) needs for Hugging Face's RoPE."""
+    perm = _half_split_perm(head_dim)
+    if inverse:
+        perm = torch.argsort(perm)
+    rest = w.shape[1:]
+    return w.reshape(-1, head_dim, *rest)[:, perm.to(w.device)].reshape(-1, *rest)

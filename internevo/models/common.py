@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
+from internevo.config import ModelConfig
 from internevo.models.attention import CuSeqlens, Segments, packed_causal_attention
 
 
@@ -219,7 +220,8 @@ class Block(nn.Module):
 class CausalLM(nn.Module):
     """Embedding -> blocks -> final norm -> head, with packed-sequence handling.
 
-    Subclasses create the modules under the names given by the class attributes.  A pipeline stage
+    A model class names its modules (the ``*_attr`` class attributes) and its block class; the
+    modules are built here from the :class:`~internevo.config.ModelConfig`.  A pipeline stage
     may set the embedding, norm or head to ``None``: it then takes / returns hidden states.
     """
 
@@ -227,11 +229,22 @@ class CausalLM(nn.Module):
     blocks_attr: ClassVar[str]
     norm_attr: ClassVar[str]
     head_attr: ClassVar[str]
+    block_class: ClassVar[type[Block]]
+    """Built as ``block_class(m)`` once per layer."""
 
-    def __init__(self, head_dim: int, rope_base: float, max_position_embeddings: int,
-                 dynamic_ntk: bool) -> None:
+    def __init__(self, m: ModelConfig) -> None:
         super().__init__()
-        self.rotary = RotaryEmbedding(head_dim, rope_base, max_position_embeddings, dynamic_ntk)
+        self.rotary = RotaryEmbedding(m.hidden_size // m.num_attention_heads, m.rope_base,
+                                      m.max_position_embeddings, m.use_dynamic_ntk_rope)
+        setattr(self, self.embedding_attr, nn.Embedding(m.vocab_size, m.hidden_size))
+        setattr(self, self.blocks_attr,
+                nn.ModuleList(self.block_class(m) for _ in range(m.num_layers)))
+        setattr(self, self.norm_attr, RMSNorm(m.hidden_size, m.layer_norm_epsilon))
+        setattr(self, self.head_attr, self.build_head(m))
+
+    def build_head(self, m: ModelConfig) -> nn.Module:
+        """The output head: a bias-free ``[V, h]`` Linear (a model may override it)."""
+        return nn.Linear(m.hidden_size, m.vocab_size, bias=False)
 
     def transformer_blocks(self) -> nn.ModuleList:
         """The list of transformer blocks (for activation checkpointing and pipeline splits)."""

@@ -1,15 +1,18 @@
-"""``model_type`` -> :class:`~internevo.models.base.ModelSpec`: one line per model folder."""
+"""``model_type`` -> :class:`~internevo.models.base.ModelSpec`: one import line per model folder.
+
+Registering a model is importing its folder's ``SPEC`` here; the registry holds every spec
+imported into this module, in import order (the order ``convert`` tries them when it reads a
+Hugging Face config.json).
+"""
 
 from __future__ import annotations
 
 from internevo.models.base import ModelSpec
-from internevo.models.internlm import SPEC as INTERNLM
-from internevo.models.internlm2 import SPEC as INTERNLM2
+from internevo.models.internlm import SPEC as INTERNLM  # noqa: F401
+from internevo.models.internlm2 import SPEC as INTERNLM2_PUBLIC  # noqa: F401
 
-MODEL_REGISTRY: dict[str, ModelSpec] = {spec.name: spec for spec in (
-    INTERNLM,
-    INTERNLM2,
-)}
+MODEL_REGISTRY: dict[str, ModelSpec] = {
+    spec.name: spec for spec in list(globals().values()) if isinstance(spec, ModelSpec)}
 
 
 def get_spec(model_type: str) -> ModelSpec:

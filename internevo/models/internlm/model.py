@@ -67,11 +67,4 @@ class InternLM(CausalLM):
     blocks_attr = "blocks"
     norm_attr = "norm"
     head_attr = "head"
-
-    def __init__(self, m: ModelConfig) -> None:
-        super().__init__(m.hidden_size // m.num_attention_heads, m.rope_base,
-                         m.max_position_embeddings, m.use_dynamic_ntk_rope)
-        self.embedding = nn.Embedding(m.vocab_size, m.hidden_size)
-        self.blocks = nn.ModuleList(InternLMBlock(m) for _ in range(m.num_layers))
-        self.norm = RMSNorm(m.hidden_size, m.layer_norm_epsilon)
-        self.head = nn.Linear(m.hidden_size, m.vocab_size, bias=False)
+    block_class = InternLMBlock

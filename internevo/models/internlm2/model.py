@@ -80,12 +80,8 @@ class InternLM2(CausalLM):
     blocks_attr = "layers"
     norm_attr = "norm"
     head_attr = "output"
+    block_class = InternLM2Block
 
-    def __init__(self, m: ModelConfig) -> None:
-        super().__init__(m.hidden_size // m.num_attention_heads, m.rope_base,
-                         m.max_position_embeddings, m.use_dynamic_ntk_rope)
-        self.tok_embeddings = nn.Embedding(m.vocab_size, m.hidden_size)
-        self.layers = nn.ModuleList(InternLM2Block(m) for _ in range(m.num_layers))
-        self.norm = RMSNorm(m.hidden_size, m.layer_norm_epsilon)
-        self.output = (NormHead(m.hidden_size, m.vocab_size) if m.norm_head
-                       else nn.Linear(m.hidden_size, m.vocab_size, bias=False))
+    def build_head(self, m: ModelConfig) -> nn.Module:
+        """``norm_head``: InternLM2's row-normalised head; otherwise a bias-free Linear."""
+        return NormHead(m.hidden_size, m.vocab_size) if m.norm_head else super().build_head(m)

@@ -15,6 +15,7 @@ from internevo.models.base import (
     ModelSpec,
     StateDict,
     TPPlan,
+    permute_heads,
     scaled_std,
     suffix_lookup,
 )
@@ -66,20 +67,6 @@ def fuse_gqa(q: Tensor, k: Tensor, v: Tensor, dims: Dims) -> Tensor:
     return torch.cat(parts, dim=1).reshape(-1, *rest)
 
 
-def _half_split_perm(head_dim: int) -> Tensor:
-    """Feature ``j`` of the half-split order is feature ``perm[j]`` of the interleaved order."""
-    return torch.cat((torch.arange(0, head_dim, 2), torch.arange(1, head_dim, 2)))
-
-
-def _permute_heads(w: Tensor, head_dim: int, inverse: bool) -> Tensor:
-    """Reorder the rows of every ``head_dim``-row head of ``w`` (interleaved -> half-split)."""
-    perm = _half_split_perm(head_dim)
-    if inverse:
-        perm = torch.argsort(perm)
-    rest = w.shape[1:]
-    return w.reshape(-1, head_dim, *rest)[:, perm.to(w.device)].reshape(-1, *rest)
-
-
 def reorder_qk(sd: StateDict, cfg: TrainConfig, to_half_split: bool) -> StateDict:
     """``wqkv``s with q/k features moved between interleaved and half-split order.
 
@@ -92,8 +79,8 @@ def reorder_qk(sd: StateDict, cfg: TrainConfig, to_half_split: bool) -> StateDic
     for i in range(dims.layers):
         key = f"layers.{i}.attention.wqkv.weight"
         q, k, v = split_gqa(sd[key], dims)
-        q = _permute_heads(q, dims.head_dim, inverse=not to_half_split)
-        k = _permute_heads(k, dims.head_dim, inverse=not to_half_split)
+        q = permute_heads(q, dims.head_dim, inverse=not to_half_split)
+        k = permute_heads(k, dims.head_dim, inverse=not to_half_split)
         out[key] = fuse_gqa(q, k, v, dims)
     return out
 
