@@ -10,6 +10,7 @@ from __future__ import annotations
 from internevo.models.base import ModelSpec
 from internevo.models.internlm import SPEC as INTERNLM  # noqa: F401
 from internevo.models.internlm2 import SPEC as INTERNLM2_PUBLIC  # noqa: F401
+from internevo.models.llama import SPEC as LLAMA2  # noqa: F401
 
 MODEL_REGISTRY: dict[str, ModelSpec] = {
     spec.name: spec for spec in list(globals().values()) if isinstance(spec, ModelSpec)}
