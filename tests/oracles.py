@@ -17,6 +17,7 @@ from torch import Tensor, nn
 from internevo.config import TrainConfig
 from internevo.models.build import model_dtype
 from internevo.models.common import ffn_hidden
+from internevo.models.registry import get_spec
 from internevo.parallel.layout import ParallelLayout
 from internevo.parallel.zero import plan_buckets
 
@@ -95,7 +96,8 @@ def expected_block_collectives(cfg: TrainConfig, mode: str, tokens: int,
         return {("all_reduce", GROUP): (4, 4 * act)}
     norm_bytes = h * (4 if cfg.use_fp32_norm else act // (tokens * h))
     bias_bytes = act // tokens if cfg.model_type == "INTERNLM" else 0  # v1 out_proj bias
-    gathers = 4 if mode == "msp" else 7
+    columns = sum(len(cols) for cols, _ in get_spec(cfg.model_type).tp_plan.regions.values())
+    gathers = 4 if mode == "msp" else 4 + columns  # fsp: each column linear re-gathers
     return {("all_gather", GROUP): (gathers, gathers * act),
             ("reduce_scatter", GROUP): (4, 4 * act),
             ("all_reduce", GROUP): (2 + (bias_bytes > 0), 2 * norm_bytes + bias_bytes)}

@@ -13,7 +13,7 @@ def write(tmp_path, body: str):
     return path
 
 
-@pytest.mark.parametrize("name", ["7B_sft.py", "7B_internlm2.py", "demo.py"])
+@pytest.mark.parametrize("name", ["7B_sft.py", "7B_internlm2.py", "7B_llama2.py", "demo.py"])
 def test_shipped_configs_load(name):
     cfg = load_config(f"configs/{name}")
     assert cfg.packed_length == cfg.data.seq_len * cfg.data.micro_bsz
@@ -26,6 +26,22 @@ def test_7b_values_follow_internevo():
     assert v1.constants["SEQ_LEN"] == 2048 and v1.hybrid_zero_optimizer.clip_grad_norm == 1.0
     v2 = load_config("configs/7B_internlm2.py")
     assert (v2.model_type, v2.num_kv_heads, v2.model.vocab_size) == ("INTERNLM2_PUBLIC", 8, 92544)
+    llama = load_config("configs/7B_llama2.py")
+    assert (llama.model_type, llama.num_kv_heads, llama.model.vocab_size) == ("LLAMA2", 8, 32000)
+
+
+def test_model_type_defaults_and_foreign_keys(tmp_path):
+    """LLAMA2's own default (adapt_hf=False) applies only where the file is silent; a key of
+    another model type is refused, naming the types that accept it."""
+    assert load_config(write(tmp_path, "model_type = 'LLAMA2'\n")).model.adapt_hf is False
+    given = load_config(write(tmp_path, "model_type = 'LLAMA2'\nmodel = dict(adapt_hf=True)\n"))
+    assert given.model.adapt_hf is True
+    assert load_config(write(tmp_path, "model_type = 'INTERNLM2_PUBLIC'\n")).model.adapt_hf
+    with pytest.raises(ConfigError, match=r"model\.norm_head: not a parameter of LLAMA2 "
+                                          r"\(only of INTERNLM2_PUBLIC\)"):
+        load_config(write(tmp_path, "model_type = 'LLAMA2'\nmodel = dict(norm_head=False)\n"))
+    with pytest.raises(ConfigError, match=r"only of INTERNLM2_PUBLIC, LLAMA2"):
+        load_config(write(tmp_path, "model = dict(adapt_hf=True)\n"))
 
 
 def test_defaults_are_internevo_defaults(tmp_path):

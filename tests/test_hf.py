@@ -13,8 +13,8 @@ from internevo.config import config_from_dict, load_config
 from internevo.convert import hf, hf_config, hf_folder, safetensors_io
 from internevo.convert.hf_config import HFConversionError
 from internevo.models.build import build_model
-from internevo.models.internlm2 import spec as v2spec
 from internevo.models.loss import lm_loss
+from internevo.models.registry import get_spec
 
 transformers = pytest.importorskip("transformers")
 ROOT = Path(__file__).resolve().parents[1]
@@ -25,8 +25,9 @@ V2_GQA_INTERLEAVED = ("INTERNLM2_PUBLIC", dict(num_kv_attention_heads=2, adapt_h
 V2_MQA_NTK = ("INTERNLM2_PUBLIC", dict(num_kv_attention_heads=1, use_dynamic_ntk_rope=True,
                                        max_position_embeddings=8, rope_base=1e6))
 V1 = ("INTERNLM", {})
+LLAMA = ("LLAMA2", dict(num_kv_attention_heads=2))  # adapt_hf left out: LLAMA2's default, False
 VARIANTS = {"v2-gqa": V2_GQA, "v2-gqa-interleaved": V2_GQA_INTERLEAVED, "v2-mqa-ntk": V2_MQA_NTK,
-            "v1": V1}
+            "v1": V1, "llama": LLAMA}
 
 
 def tiny_cfg(model_type, **model):
@@ -138,8 +139,9 @@ def test_internlm2_export_is_the_published_layout(tmp_path):
 # ------------------------------------------------------------------------------- import
 
 
-@pytest.mark.parametrize("bias", [False, True], ids=["gqa", "attention-bias"])
-def test_import_transformers_llama_loss_equal(tmp_path, bias):
+@pytest.mark.parametrize("bias,model_type", [(False, None), (True, None), (False, "LLAMA2")],
+                         ids=["gqa", "attention-bias", "as-llama2"])
+def test_import_transformers_llama_loss_equal(tmp_path, bias, model_type):
     config = transformers.LlamaConfig(
         vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
         num_attention_heads=4, num_key_value_heads=4 if bias else 2, attention_bias=bias,
@@ -151,10 +153,10 @@ def test_import_transformers_llama_loss_equal(tmp_path, bias):
             if name.endswith("bias"):
                 p.normal_(0, 0.1)
     theirs.save_pretrained(tmp_path / "hf")
-    sd, overrides = hf_folder.load_hf(tmp_path / "hf")
+    sd, overrides = hf_folder.load_hf(tmp_path / "hf", model_type)
     overrides["model"].update(dtype="torch.float32", use_flash_attn=False)
     cfg = config_from_dict(overrides)
-    assert cfg.model_type == ("INTERNLM" if bias else "INTERNLM2_PUBLIC")
+    assert cfg.model_type == (model_type or ("INTERNLM" if bias else "INTERNLM2_PUBLIC"))
     assert cfg.model.rope_base == 5e5 and cfg.num_kv_heads == config.num_key_value_heads
     ours = build_model(cfg).eval()
     ours.load_state_dict(sd, strict=True)
@@ -168,16 +170,19 @@ def test_import_transformers_llama_loss_equal(tmp_path, bias):
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_state_dict_round_trip_is_identity(fmt, variant):
     model_type, extra = VARIANTS[variant]
-    if model_type == "INTERNLM" and fmt == "internlm2":
+    spec = get_spec(model_type)
+    if fmt not in spec.hf.formats:
         with pytest.raises(HFConversionError, match="internlm2"):
             hf.to_hf_state_dict({}, tiny_cfg(model_type, **extra), fmt)
         return
     cfg = tiny_cfg(model_type, **extra)
     sd = random_model(cfg).state_dict()
     config = hf_config.hf_config_dict(cfg, fmt, dtype=torch.float32)
-    back, overrides = hf.from_hf_state_dict(hf.to_hf_state_dict(sd, cfg, fmt), config, fmt)
+    back, overrides = hf.from_hf_state_dict(hf.to_hf_state_dict(sd, cfg, fmt), config, fmt,
+                                            model_type=model_type)
+    assert overrides["model_type"] == model_type
     if not cfg.model.adapt_hf:
-        back = v2spec.reorder_qk(back, cfg, to_half_split=False)
+        back = spec.hf.from_hf_order(back, cfg)
     assert back.keys() == sd.keys()
     assert all(torch.equal(back[k], sd[k]) for k in sd)
     for key in ("num_layers", "hidden_size", "vocab_size", "rope_base", "use_dynamic_ntk_rope"):

@@ -23,14 +23,15 @@ from internevo.models import (
 )
 from internevo.models.init import init_weights
 
-V1, V2 = "INTERNLM", "INTERNLM2_PUBLIC"
+V1, V2, V3 = "INTERNLM", "INTERNLM2_PUBLIC", "LLAMA2"
+ALL = [V1, V2, V3]
 
 
 def tiny_cfg(model_type: str, **model_kw) -> TrainConfig:
-    """A 2-layer model: hidden 32, 4 heads of 8 (2 KV heads for InternLM2), vocab 50."""
+    """A 2-layer model: hidden 32, 4 heads of 8 (2 KV heads for InternLM2 and LLaMA), vocab 50."""
     kw = dict(num_layers=2, hidden_size=32, num_attention_heads=4, vocab_size=50, mlp_ratio=2.5,
               multiple_of=16, dtype="torch.float32", rope_base=100.0)
-    if model_type == V2:
+    if model_type in (V2, V3):
         kw["num_kv_attention_heads"] = 2
     kw.update(model_kw)
     return TrainConfig(model_type=model_type, model=ModelConfig(**kw))
@@ -91,6 +92,8 @@ def ref_qkv(sd, p, a, cfg, model_type):
     """Per-head q [L, Hq, d], k and v [L, Hkv, d], read from the fused weight row by row."""
     m = cfg.model
     d = m.hidden_size // m.num_attention_heads
+    if model_type == V3:
+        return tuple((a @ sd[f"{p}attention.w{n}.weight"].T).reshape(len(a), -1, d) for n in "qkv")
     if model_type == V1:
         w, b = sd[p + "mixer.Wqkv.weight"], sd[p + "mixer.Wqkv.bias"]
         qkv = a @ w.T + b
@@ -113,6 +116,7 @@ NAMES = {
     V2: dict(emb="tok_embeddings.weight", blk="layers.", n1="attention_norm.weight",
              n2="ffn_norm.weight", out="attention.wo", mlp="feed_forward.", head="output.weight"),
 }
+NAMES[V3] = NAMES[V2]
 
 
 def ref_logits(sd, cfg, ids, pos, interleaved=False):
@@ -186,7 +190,7 @@ def test_attention_rejects_wrong_cu_seqlens():
 # models against the reference
 
 
-@pytest.mark.parametrize("model_type", [V1, V2])
+@pytest.mark.parametrize("model_type", ALL)
 def test_packed_logits_match_reference(model_type):
     cfg = tiny_cfg(model_type)
     model = make_model(cfg)
@@ -206,7 +210,7 @@ def test_packed_logits_match_reference(model_type):
                                    atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("model_type", [V1, V2])
+@pytest.mark.parametrize("model_type", ALL)
 def test_batched_logits_match_reference(model_type):
     cfg = tiny_cfg(model_type)
     model = make_model(cfg, seed=1)
@@ -220,8 +224,9 @@ def test_batched_logits_match_reference(model_type):
             torch.testing.assert_close(out[b], ref, atol=1e-4, rtol=1e-4)
 
 
-def test_internlm2_adapt_hf_false_is_interleaved_rope():
-    cfg = tiny_cfg(V2, adapt_hf=False)
+@pytest.mark.parametrize("model_type", [V2, V3])
+def test_adapt_hf_false_is_interleaved_rope(model_type):
+    cfg = tiny_cfg(model_type, adapt_hf=False)
     model = make_model(cfg, seed=2)
     sd = model.state_dict()
     ids = torch.randint(0, 50, (1, 9), generator=torch.Generator().manual_seed(4))
@@ -273,14 +278,16 @@ def expected_names(model_type, layers):
                "mlp.w2.weight", "mlp.w3.weight"]
         return ({"embedding.weight", "norm.weight", "head.weight"}
                 | {f"blocks.{i}.{n}" for i in range(layers) for n in per})
-    per = ["attention.wqkv.weight", "attention.wo.weight", "attention_norm.weight",
+    attention = ["attention.wqkv.weight"] if model_type == V2 else [
+        f"attention.w{n}.weight" for n in "qkv"]
+    per = [*attention, "attention.wo.weight", "attention_norm.weight",
            "ffn_norm.weight", "feed_forward.w1.weight", "feed_forward.w2.weight",
            "feed_forward.w3.weight"]
     return ({"tok_embeddings.weight", "norm.weight", "output.weight"}
             | {f"layers.{i}.{n}" for i in range(layers) for n in per})
 
 
-@pytest.mark.parametrize("model_type", [V1, V2])
+@pytest.mark.parametrize("model_type", ALL)
 def test_parameter_names(model_type):
     model = build_model(tiny_cfg(model_type, num_layers=3))
     assert set(model.state_dict()) == expected_names(model_type, 3)
@@ -306,7 +313,7 @@ def test_7b_shapes_on_meta():
 # initialisation
 
 
-@pytest.mark.parametrize("model_type", [V1, V2])
+@pytest.mark.parametrize("model_type", ALL)
 def test_init_depends_only_on_seed_and_name(model_type):
     rng = torch.get_rng_state()
     torch.manual_seed(123)
@@ -358,6 +365,15 @@ def test_init_internlm2_normal_and_uniform():
     assert x.std().item() == pytest.approx(a / math.sqrt(3), rel=0.02)
 
 
+def test_init_llama_stds():
+    cfg = tiny_cfg(V3, attn_wqkv_init_std=0.05, attn_other_init_std=0.04)
+    std = lambda name: init_parameter(cfg, name, (512, 512), 2).std().item()  # noqa: E731
+    for proj in ("wq", "wk", "wv"):
+        assert std(f"layers.0.attention.{proj}.weight") == pytest.approx(0.05, rel=0.02)
+    assert std("layers.3.attention.wo.weight") == pytest.approx(0.04 / math.sqrt(8), rel=0.02)
+    assert std("tok_embeddings.weight") == pytest.approx(0.02, rel=0.02)
+
+
 def test_init_copies_fp32_values_into_bf16():
     fp32 = build_model(tiny_cfg(V2), seed=3)
     bf16 = build_model(tiny_cfg(V2, dtype="torch.bfloat16"), seed=3)
@@ -389,7 +405,7 @@ def test_init_dtensor_shard_is_slice_of_full():
 # activation checkpointing, dtypes
 
 
-@pytest.mark.parametrize("model_type", [V1, V2])
+@pytest.mark.parametrize("model_type", ALL)
 def test_activation_checkpointing_same_loss_and_grads(model_type):
     cfg = tiny_cfg(model_type, drop_rate=0.1, attn_drop_rate=0.1, num_layers=3)
     plain = make_model(cfg)

@@ -29,6 +29,7 @@ from internevo.parallel.spawn import spawn_ranks
 from internevo.parallel.tensor import apply_tensor_parallel, vocab_parallel_lm_loss
 
 SEQ, VOCAB, SEED = 16, 64, 7
+GQA_MODELS = ("INTERNLM2_PUBLIC", "LLAMA2")
 CU = [0, 5, 11, 16]
 MODES = ("mtp", "msp", "fsp")
 
@@ -37,7 +38,7 @@ def tiny_config(model_type: str, tp: int = 1, mode: str = "mtp", **model_kw) -> 
     """A 2-layer model in fp32 on packed rows of ``SEQ`` tokens."""
     model = dict(dict(num_layers=2, hidden_size=32, num_attention_heads=4, vocab_size=VOCAB,
                       multiple_of=16, dtype="torch.float32"), **model_kw)
-    if model_type == "INTERNLM2_PUBLIC":
+    if model_type in GQA_MODELS:
         model.setdefault("num_kv_attention_heads", 2)
     return config_from_dict(dict(
         model_type=model_type, data=dict(seq_len=SEQ, micro_bsz=1, micro_num=1, num_worker=0),
@@ -78,6 +79,7 @@ CASES = [
     # (model_type, mode, model overrides, label smoothing)
     *[("INTERNLM2_PUBLIC", m, {}, 0.0) for m in MODES],
     *[("INTERNLM", m, {}, 0.0) for m in MODES],
+    *[("LLAMA2", m, {}, 0.0) for m in MODES],
     ("INTERNLM2_PUBLIC", "msp", dict(embed_split_hidden=True), 0.1),
     ("INTERNLM2_PUBLIC", "mtp", dict(parallel_output=False), 0.1),
     ("INTERNLM", "fsp", dict(embed_split_hidden=True, parallel_output=False), 0.0),
@@ -152,7 +154,7 @@ def test_tp2_block_collectives_match_table(tp2_results: list, index: int) -> Non
 
 
 def test_saved_activations_fsp_lt_msp_lt_mtp(tp2_results: list) -> None:
-    for model_type in ("INTERNLM2_PUBLIC", "INTERNLM"):
+    for model_type in ("INTERNLM2_PUBLIC", "INTERNLM", "LLAMA2"):
         saved = {CASES[i][1]: tp2_results[0][i]["saved"] for i in range(len(CASES))
                  if CASES[i][0] == model_type and not CASES[i][2]}
         assert saved["fsp"] < saved["msp"] < saved["mtp"], saved
@@ -183,7 +185,7 @@ def train_config(model_type: str, tp: int, mode: str, save: str = "",
     ``parallel.zero1`` value)."""
     model = dict(num_layers=2, hidden_size=32, num_attention_heads=4, vocab_size=256,
                  multiple_of=16, dtype="torch.float32")
-    if model_type == "INTERNLM2_PUBLIC":
+    if model_type in GQA_MODELS:
         model["num_kv_attention_heads"] = 2
     return config_from_dict(dict(
         model_type=model_type, model=model,

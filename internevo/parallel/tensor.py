@@ -17,7 +17,8 @@ the sequence (msp/fsp).  Per mode and layer the collectives are (docs/architectu
     mtp  fwd: 2 all-reduce (row outputs)          bwd: 2 all-reduce (region input grads)
     msp  fwd: 2 all-gather + 2 reduce-scatter     bwd: 2 reduce-scatter + 2 all-gather
                                                        + 2 all-reduce (norm-weight grads)
-    fsp  as msp, + 3 all-gather in bwd (each column linear re-gathers its input)
+    fsp  as msp, + 1 all-gather in bwd per column linear (it re-gathers its input):
+         3 for InternLM / InternLM2 (qkv, w1, w3), 5 for LLaMA (wq, wk, wv, w1, w3)
 
 Under sequence parallel the norm weights (and a row-parallel bias) see only the local tokens, so
 their gradient is summed over the tensor group inside autograd (every micro-step: tiny, and it
