@@ -1,4 +1,4 @@
-# LLaMA 2 7B training (separate wq/wk/wv, GQA), InternEvo's configs/7B_llama2.py key names and values.
+# LLaMA 2 7B training (separate wq/wk/wv, GQA): InternEvo's configs/7B_llama2.py keys and values.
 # Train: torchrun --nproc_per_node 8 train.py --config configs/7B_llama2.py
 JOB_NAME = "7b_llama2_train"
 model_type = "LLAMA2"
@@ -105,13 +105,11 @@ model = dict(
     # adapt_hf is left out: LLAMA2's default is False (q/k stored interleaved, as InternEvo's)
 )
 
-# InternEvo's file trains this with tensor=dict(size=1, mode="isp") and weight=dict(size=2);
-# here: ZeRO-1 over 4 data-parallel ranks.
 parallel = dict(
-    zero1=dict(size=4, fsdp=False),
-    tensor=dict(size=1, mode="mtp"),
+    zero1=dict(size=4),
+    tensor=dict(size=1, mode="isp"),
     pipeline=dict(size=1, interleaved_overlap=True),
-    weight=dict(size=1, overlap=True, memory_pool=True),
+    weight=dict(size=2, overlap=True, memory_pool=True),
 )
 
 cudnn_deterministic = False
