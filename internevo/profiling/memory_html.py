@@ -12,8 +12,6 @@ from __future__ import annotations
 import html
 import json
 
-from internevo.profiling.memory import CATEGORIES
-
 _STYLE = """
 body { font-family: sans-serif; margin: 1.5em; color: #222; }
 .charts { display: flex; flex-wrap: wrap; gap: 1.5em; }
@@ -119,10 +117,12 @@ timeline(charts);
 
 
 def render_html(result: dict) -> str:
-    """The whole page for one rank's profile (``MemoryProfiler.result()``)."""
+    """The whole page for one rank's profile (``MemoryProfiler.result()``; its categories are
+    the keys of ``result["total"]``, so this module needs nothing from the profiler's)."""
+    categories = list(result["total"])
     payload = json.dumps(result).replace("</", "<\\/")
-    rows = "".join(f"<tr><td>{c}</td><td>{result['total'][c]:,}</td></tr>" for c in CATEGORIES)
-    script = _SCRIPT.replace("CATEGORIES", json.dumps(list(CATEGORIES)))
+    rows = "".join(f"<tr><td>{c}</td><td>{result['total'][c]:,}</td></tr>" for c in categories)
+    script = _SCRIPT.replace("CATEGORIES", json.dumps(categories))
     title = f"memory of rank {result['rank']} ({html.escape(str(result.get('layout', '')))})"
     return (f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{title}</title>"
             f"<style>{_STYLE}</style></head><body><h1>{title}</h1>"
