@@ -69,10 +69,12 @@ def run_train(args: argparse.Namespace) -> list[dict]:
     """Launch, build and train; returns the per-step metric records of this rank."""
     from internevo.config import load_config, parse_override
     from internevo.launch import (
+        apply_backend_flags,
         init_process_group,
         pick_device,
         read_launch_env,
         seed_everything,
+        setup_logging,
         shutdown,
     )
     from internevo.models.attention import describe_backend
@@ -84,7 +86,9 @@ def run_train(args: argparse.Namespace) -> list[dict]:
     cfg = load_config(args.config, overrides)
     info = read_launch_env(args.launcher, port=args.port)
     layout = ParallelLayout.from_config(cfg, info.world_size, info.rank)  # validate before init
+    setup_logging(info.rank, layout.is_log_rank)
     device = pick_device(info.local_rank)
+    apply_backend_flags(cfg, device)
     init_process_group(info, device, args.timeout)
     seed_everything(args.seed)
     layout.build_groups()

@@ -91,9 +91,11 @@ class DataConfig:
     seed: int = 1024
     """Seed of the batch sampler's shuffle."""
     empty_cache_and_diag_interval: int = 50
-    """Batches between accelerator cache flushes and slow-rank diagnostics."""
+    """Batches between CUDA cache flushes and slow-rank diagnostics (``train/diag.py``; 0: never):
+    every rank's step time is all-gathered over data parallel and slow ranks are reported."""
     diag_outlier_ratio: float = 1.1
-    """A rank slower than this ratio of the average is reported by the diagnostics."""
+    """A rank whose step time exceeds ``(1 + ratio) x`` the data-parallel mean is reported (with
+    its rank and host) by the diagnostics."""
     use_packed_dataset: bool = True
     """Packed rows with ``cu_seqlens``; False is accepted only for compatibility (rows are always
     packed).
@@ -446,9 +448,9 @@ class TrainConfig:
     use_fp32_norm: bool = False
     """Keep norm weights in fp32 when training in a 16-bit dtype."""
     cudnn_deterministic: bool = False
-    """torch.backends.cudnn.deterministic."""
+    """``torch.backends.cudnn.deterministic`` (set at launch on CUDA)."""
     cudnn_benchmark: bool = False
-    """torch.backends.cudnn.benchmark."""
+    """``torch.backends.cudnn.benchmark`` (set at launch on CUDA)."""
     enable_tb: bool = True
     """Write TensorBoard scalars."""
     tensorboard_folder: Optional[str] = None

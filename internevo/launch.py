@@ -15,9 +15,11 @@ Python, NumPy and torch with the same seed on every rank; weights do not depend 
 from __future__ import annotations
 
 import datetime
+import logging
 import os
 import random
 import re
+import sys
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Optional
@@ -25,6 +27,8 @@ from typing import Optional
 import numpy as np
 import torch
 import torch.distributed as dist
+
+from internevo.config import TrainConfig
 
 DEFAULT_PORT = 8888
 TORCHRUN_VARS = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
@@ -158,6 +162,44 @@ def init_process_group(info: LaunchInfo, device: torch.device, timeout_s: float 
                             world_size=info.world_size,
                             init_method=f"tcp://{info.master_addr}:{info.master_port}",
                             timeout=datetime.timedelta(seconds=timeout_s))
+
+
+def apply_backend_flags(cfg: TrainConfig, device: torch.device) -> None:
+    """``cudnn_deterministic`` / ``cudnn_benchmark`` -> ``torch.backends.cudnn`` (on CUDA; the
+    flags mean nothing to the CPU backends, which are left alone)."""
+    if device.type == "cuda":
+        torch.backends.cudnn.deterministic = cfg.cudnn_deterministic
+        torch.backends.cudnn.benchmark = cfg.cudnn_benchmark
+
+
+class _RankFormatter(logging.Formatter):
+    """``[internevo] msg`` on the log rank, ``[internevo][rank N] msg`` elsewhere; the level is
+    named from WARNING up."""
+
+    def __init__(self, prefix: str) -> None:
+        super().__init__()
+        self.prefix = prefix
+
+    def format(self, record: logging.LogRecord) -> str:
+        level = "" if record.levelno < logging.WARNING else f"{record.levelname}: "
+        return f"{self.prefix} {level}{record.getMessage()}"
+
+
+def setup_logging(rank: int, is_log_rank: bool) -> logging.Handler:
+    """The one log setup of a run: the ``internevo`` loggers print to stdout, INFO and up on the
+    log rank, WARNING and up on the others (tagged ``[rank N]``).  Calling it again replaces the
+    handler; returns it."""
+    logger = logging.getLogger("internevo")
+    for old in [h for h in logger.handlers if getattr(h, "internevo_run", False)]:
+        logger.removeHandler(old)
+    handler = logging.StreamHandler(sys.stdout)
+    handler.internevo_run = True
+    handler.setLevel(logging.INFO if is_log_rank else logging.WARNING)
+    handler.setFormatter(_RankFormatter("[internevo]" if is_log_rank else
+                                        f"[internevo][rank {rank}]"))
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    return handler
 
 
 def seed_everything(seed: int) -> None:

@@ -27,6 +27,7 @@ from internevo.parallel.pipeline import (
 )
 from internevo.parallel.scaler import LossScaler
 from internevo.profiling.report import eta_text, write_report
+from internevo.train.diag import StepDiagnostics
 from internevo.train.metrics import MetricsWriter, device_peak_flops, step_flops
 from internevo.train.schedules import Schedules
 
@@ -91,6 +92,7 @@ class Trainer:
             "model": self.model, "optimizer": self.optimizer, "schedules": self.schedules,
             "train_state": self.state, "loader": self.loader})
         self.history: list[dict] = []
+        self.diagnostics = StepDiagnostics(cfg, layout, comm, device)
         self.fused_head = self.can_fuse_head()
         """Loss by :func:`fused_lm_loss` (tensor parallel off, plain single-device head)."""
         mtp = layout.tensor if layout.tensor_mode == "mtp" else 1
@@ -293,6 +295,7 @@ class Trainer:
                 continue
             record = self.train_step(batch)
             self.state.batch_count += 1
+            self.diagnostics.after_step(self.state.batch_count, record["step_time"])
             self.history.append(record)
             self.writer.write(record, self.console_line(record))
             if self.should_validate():
