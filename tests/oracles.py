@@ -105,21 +105,23 @@ def expected_block_collectives(cfg: TrainConfig, mode: str, tokens: int,
 
 def expected_isp_block_collectives(cfg: TrainConfig, tokens: int, sp: int, wp: int) -> dict:
     """One isp block's collectives for a row of ``tokens``, from the shapes (fp32, 4 bytes): each
-    of the five linears' weight (+ bias) gathered in forward and in backward and its gradient
-    reduce-scattered; q, k, v in one all-to-all and the attention output in another, both ways;
-    the two norm-weight gradients all-reduced over the weight group."""
+    linear's weight (+ bias) gathered in forward and in backward and its gradient reduce-scattered
+    (five linears, seven for LLaMA's separate wq / wk / wv); q, k, v in one all-to-all and the
+    attention output in another, both ways; the two norm-weight gradients all-reduced over the
+    weight group."""
     m = cfg.model
     h, heads, kv = m.hidden_size, m.num_attention_heads, cfg.num_kv_heads
     d, f = h // heads, ffn_hidden(h, m.mlp_ratio, m.multiple_of)
     if cfg.model_type == "INTERNLM":  # Wqkv [3h, h] + bias, out_proj [h, h] + bias
         attn = (3 * h * h + 3 * h) + (h * h + h)
-    else:  # wqkv [(H + 2 KV) d, h], wo [h, H d]
+    else:  # wqkv (or wq, wk, wv) [(H + 2 KV) d, h], wo [h, H d]
         attn = (heads + 2 * kv) * d * h + h * heads * d
     weights = 4 * (attn + 3 * h * f)
+    linears = 7 if cfg.model_type == "LLAMA2" else 5
     out = {}
     if wp > 1:
-        out[("all_gather", "weight")] = (10, 2 * weights)
-        out[("reduce_scatter", "weight")] = (5, weights)
+        out[("all_gather", "weight")] = (2 * linears, 2 * weights)
+        out[("reduce_scatter", "weight")] = (linears, weights)
         out[("all_reduce", "weight")] = (2, 2 * 4 * h)
     if sp > 1:
         local = tokens // sp

@@ -72,12 +72,12 @@ def run_case(cfg: TrainConfig, layout: ParallelLayout, comm: Comm) -> dict:
 
 CASES = {  # world -> [(model_type, sp, wp, overlap, model overrides)]
     2: [("INTERNLM2_PUBLIC", 2, 1, False, {}), ("INTERNLM2_PUBLIC", 2, 2, True, {}),
-        ("INTERNLM", 2, 2, False, {}), ("INTERNLM", 1, 2, True, {})],
+        ("INTERNLM", 2, 2, False, {}), ("INTERNLM", 1, 2, True, {}), ("LLAMA2", 2, 2, False, {})],
     4: [("INTERNLM2_PUBLIC", 2, 2, True, {}), ("INTERNLM", 2, 1, False, {}),
         ("INTERNLM2_PUBLIC", 4, 4, True, WIDE), ("INTERNLM", 4, 2, False, {})],
 }
 TRAIN = {  # world -> [(model_type, sp, wp, overlap, activation checkpointing, zero1)]
-    2: [("INTERNLM2_PUBLIC", 2, 2, True, False, -1)],
+    2: [("INTERNLM2_PUBLIC", 2, 2, True, False, -1), ("LLAMA2", 2, 2, True, False, -1)],
     4: [("INTERNLM2_PUBLIC", 2, 2, True, False, -1),  # wdp 2 = zero1 2
         ("INTERNLM", 4, 2, True, True, 1)],  # dp 1 != wdp 2; zero1 1 < wdp: replica all-reduce
 }

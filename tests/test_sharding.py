@@ -103,15 +103,16 @@ def test_local_shapes_are_full_over_tp(fake_two_ranks, model_type, mode, split_h
 # 2 ranks: optimizer storage per rank, rows per data-parallel rank
 
 
-def train_config(parallel: dict, micro_num: int = 4) -> TrainConfig:
-    """LLAMA2, 2 steps of ``micro_num`` rows per data-parallel rank, on dummy data."""
+def train_config(parallel: dict, micro_num: int = 4, save: str = "") -> TrainConfig:
+    """LLAMA2, 2 steps of ``micro_num`` rows per data-parallel rank, on dummy data (saving a
+    checkpoint at the end into ``save``)."""
     return config_from_dict(dict(
         model_type="LLAMA2",
         model=dict(num_layers=2, hidden_size=32, num_attention_heads=4, num_kv_attention_heads=2,
                    vocab_size=256, multiple_of=16, dtype="torch.float32"),
         data=dict(seq_len=16, micro_bsz=1, micro_num=micro_num, total_steps=2, num_worker=0),
         adam=dict(lr=2e-3), parallel=parallel, enable_tb=False,
-        ckpt=dict(enable_save_ckpt=False)))
+        ckpt=dict(enable_save_ckpt=bool(save), save_ckpt_folder=save or None)))
 
 
 def optimizer_state_bytes(optimizer) -> int:
@@ -129,7 +130,8 @@ def optimizer_state_bytes(optimizer) -> int:
 
 
 def fit_and_record(cfg: TrainConfig, rank: int, world: int) -> dict:
-    """Train with ``Trainer.fit``; record the input rows the model saw and the optimizer bytes."""
+    """Train with ``Trainer.fit``; record the rows the model's embedding saw and the optimizer
+    state bytes."""
     from internevo.train.trainer import Trainer
 
     layout = ParallelLayout.from_config(cfg, world, rank)
@@ -137,25 +139,38 @@ def fit_and_record(cfg: TrainConfig, rank: int, world: int) -> dict:
         layout.build_groups()
     with tempfile.TemporaryDirectory() as run_dir:
         trainer = Trainer(cfg, layout, Comm(layout), torch.device("cpu"), Path(run_dir))
-        rows: list[list[int]] = []
-        trainer.model.register_forward_pre_hook(
-            lambda _, args: rows.extend(r.tolist() for r in args[0]))
+        rows: list[list[int]] = []  # token ids entering the embedding: the rows it trains on
+        embedding = trainer.model.get_submodule(trainer.model.embedding_attr)
+        embedding.register_forward_pre_hook(lambda _, a: rows.extend(r.tolist() for r in a[0]))
         history = trainer.fit()
         params = sum(p.numel() for p in trainer.model.parameters())
         return {"rows": rows, "losses": [h["loss"] for h in history if "loss" in h],
-                "bytes": optimizer_state_bytes(trainer.optimizer), "params": params}
+                "bytes": optimizer_state_bytes(trainer.optimizer), "params": params,
+                "weights": {n: full(p) for n, p in trainer.model.named_parameters()}}
+
+
+def full(t: torch.Tensor) -> torch.Tensor:
+    """The full value of a (possibly sharded DTensor) tensor."""
+    return (t.full_tensor() if hasattr(t, "full_tensor") else t).detach().clone()
 
 
 PARALLEL = {"zero1": dict(zero1=-1), "fsdp": dict(zero1=dict(size=-1, fsdp=True))}
 
 
-def two_rank_main(rank: int, world: int) -> dict:
-    return {name: fit_and_record(train_config(p), rank, world) for name, p in PARALLEL.items()}
+def two_rank_main(rank: int, world: int, save_root: str) -> dict:
+    """Each mode trains (and saves its final state under ``save_root/<mode>``)."""
+    return {name: fit_and_record(train_config(p, save=str(Path(save_root) / name)), rank, world)
+            for name, p in PARALLEL.items()}
 
 
 @pytest.fixture(scope="module")
-def two_ranks() -> list[dict]:
-    return spawn_ranks(two_rank_main, 2, timeout=600)
+def save_root(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("sharding_ckpt")
+
+
+@pytest.fixture(scope="module")
+def two_ranks(save_root) -> list[dict]:
+    return spawn_ranks(two_rank_main, 2, str(save_root), timeout=600)
 
 
 @pytest.fixture(scope="module")
@@ -184,3 +199,19 @@ def test_optimizer_storage_is_split_over_ranks(two_ranks, one_process, mode):
     for b in per_rank:
         assert 6 * params <= b <= 6 * params + 4096, (per_rank, 12 * params)
     assert math.isclose(sum(per_rank), one_process["bytes"], rel_tol=0.02)
+
+
+@pytest.mark.parametrize("mode", PARALLEL)
+def test_two_rank_checkpoint_loads_into_one_process(two_ranks, save_root, mode, tmp_path):
+    """LLAMA2's ZeRO / FSDP checkpoint (sharded on disk) loads into one process as the trained
+    weights."""
+    from internevo.checkpoint.manager import parse_load_info
+    from internevo.train.trainer import Trainer
+
+    trainer = Trainer(train_config(dict(zero1=1), micro_num=8), ParallelLayout(),
+                      Comm(ParallelLayout()), torch.device("cpu"), tmp_path)
+    trainer.ckpt.load(parse_load_info({"path": str(save_root / mode), "content": ("model",)}))
+    weights = two_ranks[0][mode]["weights"]
+    assert weights.keys() == dict(trainer.model.named_parameters()).keys()
+    for name, p in trainer.model.named_parameters():
+        assert torch.equal(p.detach(), weights[name]), name

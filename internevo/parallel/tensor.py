@@ -29,6 +29,7 @@ averages instead of summing; the sum is what one process computes.
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -122,56 +123,34 @@ class _ReduceFromTP(Function):
         return grad, None
 
 
-class _GatherScatter(Function):
-    """sp region entry: all-gather along ``dim``; backward reduce-scatters the gradient."""
+Collective = Callable[[Comm, Tensor, int], Tensor]
 
-    @staticmethod
-    def forward(ctx: Any, x: Tensor, comm: Comm, dim: int) -> Tensor:
+
+def _dim_pair(name: str, forward: Collective, backward: Collective, doc: str) -> type[Function]:
+    """An autograd function ``(x, comm, dim)``: ``forward`` on the input along ``dim``,
+    ``backward`` on the gradient along the same ``dim``."""
+
+    def fwd(ctx: Any, x: Tensor, comm: Comm, dim: int) -> Tensor:
         ctx.comm, ctx.dim = comm, dim
-        return gather_dim(comm, x, dim)
+        return forward(comm, x, dim)
 
-    @staticmethod
-    def backward(ctx: Any, grad: Tensor) -> tuple:
-        return reduce_scatter_dim(ctx.comm, grad, ctx.dim), None, None
+    def bwd(ctx: Any, grad: Tensor) -> tuple:
+        return backward(ctx.comm, grad.contiguous(), ctx.dim), None, None
 
-
-class _ScatterGather(Function):
-    """sp row-linear exit: reduce-scatter along ``dim`` forward, all-gather backward."""
-
-    @staticmethod
-    def forward(ctx: Any, x: Tensor, comm: Comm, dim: int) -> Tensor:
-        ctx.comm, ctx.dim = comm, dim
-        return reduce_scatter_dim(comm, x, dim)
-
-    @staticmethod
-    def backward(ctx: Any, grad: Tensor) -> tuple:
-        return gather_dim(ctx.comm, grad.contiguous(), ctx.dim), None, None
+    return type(name, (Function,), {"__doc__": doc, "forward": staticmethod(fwd),
+                                    "backward": staticmethod(bwd)})
 
 
-class _GatherSplit(Function):
-    """Gather a tensor whose gradient is replicated: all-gather forward, local split backward."""
-
-    @staticmethod
-    def forward(ctx: Any, x: Tensor, comm: Comm, dim: int) -> Tensor:
-        ctx.comm, ctx.dim = comm, dim
-        return gather_dim(comm, x, dim)
-
-    @staticmethod
-    def backward(ctx: Any, grad: Tensor) -> tuple:
-        return split_dim(ctx.comm, grad, ctx.dim), None, None
-
-
-class _SplitGather(Function):
-    """Keep the local chunk of a replicated tensor: split forward, all-gather backward."""
-
-    @staticmethod
-    def forward(ctx: Any, x: Tensor, comm: Comm, dim: int) -> Tensor:
-        ctx.comm, ctx.dim = comm, dim
-        return split_dim(comm, x, dim)
-
-    @staticmethod
-    def backward(ctx: Any, grad: Tensor) -> tuple:
-        return gather_dim(ctx.comm, grad.contiguous(), ctx.dim), None, None
+_GatherScatter = _dim_pair("_GatherScatter", gather_dim, reduce_scatter_dim,
+                           "sp region entry: all-gather along ``dim``; backward reduce-scatters.")
+_ScatterGather = _dim_pair("_ScatterGather", reduce_scatter_dim, gather_dim,
+                           "sp row-linear exit: reduce-scatter along ``dim``, all-gather backward.")
+_GatherSplit = _dim_pair("_GatherSplit", gather_dim, split_dim,
+                         "Gather a tensor whose gradient is replicated: all-gather forward, local "
+                         "split backward.")
+_SplitGather = _dim_pair("_SplitGather", split_dim, gather_dim,
+                         "Keep the local chunk of a replicated tensor: split forward, all-gather "
+                         "backward.")
 
 
 class _FSPLinear(Function):
