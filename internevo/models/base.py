@@ -23,6 +23,14 @@ from internevo.models.common import ffn_hidden
 
 StateDict = dict[str, Tensor]
 
+GQA_MODEL_KEYS = frozenset({
+    "num_kv_attention_heads", "adapt_hf", "no_bias", "init_type", "embedding_init_std",
+    "attn_wqkv_init_std", "attn_other_init_std", "ffn_uplayer_init_std", "ffn_other_init_std",
+    "out_head_init_std",
+})
+"""``model.*`` keys InternEvo's grouped-query models (InternLM2, LLaMA 2) accept and v1 does not:
+KV heads, the q/k layout, and the per-kind init stds."""
+
 
 @dataclass(frozen=True)
 class Dims:

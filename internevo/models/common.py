@@ -198,9 +198,19 @@ class Block(nn.Module):
     """
 
     recompute: bool = False
-    part_names: tuple[str, str, str, str] = ()
-    """Attribute names of (attention, its norm, MLP, its norm): each model keeps its own names."""
-    drop_rate: float = 0.0
+
+    def __init__(self, m: ModelConfig, part_names: tuple[str, str, str, str],
+                 attention_class: type[nn.Module]) -> None:
+        super().__init__()
+        self.part_names = part_names
+        """Attribute names of (attention, its norm, MLP, its norm): each model keeps its own."""
+        attention, attention_norm, mlp, mlp_norm = part_names
+        h = m.hidden_size
+        self.drop_rate = m.drop_rate
+        setattr(self, attention, self.attention_class(m))
+        setattr(self, attention_norm, RMSNorm(h, m.layer_norm_epsilon))
+        setattr(self, mlp_norm, RMSNorm(h, m.layer_norm_epsilon))
+        setattr(self, mlp, SwiGLU(h, ffn_hidden(h, m.mlp_ratio, m.multiple_of)))
 
     def forward(self, x: Tensor, ctx: ForwardContext) -> Tensor:
         """Run the block, under non-reentrant checkpointing when ``recompute`` is set."""
@@ -220,8 +230,9 @@ class Block(nn.Module):
 class CausalLM(nn.Module):
     """Embedding -> blocks -> final norm -> head, with packed-sequence handling.
 
-    A model class names its modules (the ``*_attr`` class attributes) and its block class; the
-    modules are built here from the :class:`~internevo.config.ModelConfig`.  A pipeline stage
+    A model class names its modules (the ``*_attr`` class attributes, the blocks' ``part_names``)
+    and its attention class; the modules are built here from the
+    :class:`~internevo.config.ModelConfig`.  A pipeline stage
     may set the embedding, norm or head to ``None``: it then takes / returns hidden states.
     """
 
@@ -229,8 +240,10 @@ class CausalLM(nn.Module):
     blocks_attr: ClassVar[str]
     norm_attr: ClassVar[str]
     head_attr: ClassVar[str]
-    block_class: ClassVar[type[Block]]
-    """Built as ``block_class(m)`` once per layer."""
+    part_names: ClassVar[tuple[str, str, str, str]]
+    """Attribute names, inside each block, of (attention, its norm, MLP, its norm)."""
+    attention_class: ClassVar[type[nn.Module]]
+    """Each block's attention, built as ``attention_class(m)``."""
 
     def __init__(self, m: ModelConfig) -> None:
         super().__init__()
@@ -238,7 +251,8 @@ class CausalLM(nn.Module):
                                       m.max_position_embeddings, m.use_dynamic_ntk_rope)
         setattr(self, self.embedding_attr, nn.Embedding(m.vocab_size, m.hidden_size))
         setattr(self, self.blocks_attr,
-                nn.ModuleList(self.block_class(m) for _ in range(m.num_layers)))
+                nn.ModuleList(Block(m, self.part_names, self.attention_class)
+                              for _ in range(m.num_layers)))
         setattr(self, self.norm_attr, RMSNorm(m.hidden_size, m.layer_norm_epsilon))
         setattr(self, self.head_attr, self.build_head(m))
 

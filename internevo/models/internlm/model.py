@@ -13,25 +13,22 @@ from torch import Tensor, nn
 
 from internevo.config import ModelConfig
 from internevo.models.common import (
-    Block,
     CausalLM,
     ForwardContext,
-    RMSNorm,
-    SwiGLU,
     apply_rotary,
     attend,
-    ffn_hidden,
 )
 
 
 class MHA(nn.Module):
     """Multi-head self-attention with RoPE; ``Wqkv`` rows are ``[Q; K; V]``, each ``[H*d]``."""
 
-    def __init__(self, hidden: int, num_heads: int, attn_drop: float, use_flash: bool) -> None:
+    def __init__(self, m: ModelConfig) -> None:
         super().__init__()
-        self.head_dim = hidden // num_heads
-        self.attn_drop = attn_drop
-        self.use_flash = use_flash
+        hidden = m.hidden_size
+        self.head_dim = hidden // m.num_attention_heads
+        self.attn_drop = m.attn_drop_rate
+        self.use_flash = m.use_flash_attn
         self.Wqkv = nn.Linear(hidden, 3 * hidden, bias=True)
         self.out_proj = nn.Linear(hidden, hidden, bias=True)
 
@@ -45,26 +42,13 @@ class MHA(nn.Module):
         return self.out_proj(out.reshape(b, s, -1))
 
 
-class InternLMBlock(Block):
-    """InternEvo's block: ``r = drop(x); r = drop(mixer(norm1(r))) + r; mlp(norm2(r)) + r``."""
-
-    part_names = ("mixer", "norm1", "mlp", "norm2")
-
-    def __init__(self, m: ModelConfig) -> None:
-        super().__init__()
-        h = m.hidden_size
-        self.drop_rate = m.drop_rate
-        self.mixer = MHA(h, m.num_attention_heads, m.attn_drop_rate, m.use_flash_attn)
-        self.norm1 = RMSNorm(h, m.layer_norm_epsilon)
-        self.norm2 = RMSNorm(h, m.layer_norm_epsilon)
-        self.mlp = SwiGLU(h, ffn_hidden(h, m.mlp_ratio, m.multiple_of))
-
-
 class InternLM(CausalLM):
-    """InternLM v1 decoder (``model_type="INTERNLM"``)."""
+    """InternLM v1 decoder (``model_type="INTERNLM"``); each block is InternEvo's
+    ``r = drop(x); r = drop(mixer(norm1(r))) + r; mlp(norm2(r)) + r``."""
 
     embedding_attr = "embedding"
     blocks_attr = "blocks"
     norm_attr = "norm"
     head_attr = "head"
-    block_class = InternLMBlock
+    part_names = ("mixer", "norm1", "mlp", "norm2")
+    attention_class = MHA

@@ -11,15 +11,11 @@ from torch import Tensor, nn
 
 from internevo.config import ModelConfig
 from internevo.models.common import (
-    Block,
     CausalLM,
     ForwardContext,
     NormHead,
-    RMSNorm,
-    SwiGLU,
     apply_rotary,
     attend,
-    ffn_hidden,
 )
 
 
@@ -58,29 +54,16 @@ class GQA(nn.Module):
         return self.wo(out.reshape(b, s, -1))
 
 
-class InternLM2Block(Block):
-    """``r = drop(x); r = drop(attention(attention_norm(r))) + r; out = ffn(ffn_norm(r)) + r``."""
-
-    part_names = ("attention", "attention_norm", "feed_forward", "ffn_norm")
-
-    def __init__(self, m: ModelConfig) -> None:
-        super().__init__()
-        h = m.hidden_size
-        self.drop_rate = m.drop_rate
-        self.attention = GQA(m)
-        self.attention_norm = RMSNorm(h, m.layer_norm_epsilon)
-        self.ffn_norm = RMSNorm(h, m.layer_norm_epsilon)
-        self.feed_forward = SwiGLU(h, ffn_hidden(h, m.mlp_ratio, m.multiple_of))
-
-
 class InternLM2(CausalLM):
-    """InternLM2 decoder (``model_type="INTERNLM2_PUBLIC"``)."""
+    """InternLM2 decoder (``model_type="INTERNLM2_PUBLIC"``); each block is
+    ``r = drop(x); r = drop(attention(attention_norm(r))) + r; feed_forward(ffn_norm(r)) + r``."""
 
     embedding_attr = "tok_embeddings"
     blocks_attr = "layers"
     norm_attr = "norm"
     head_attr = "output"
-    block_class = InternLM2Block
+    part_names = ("attention", "attention_norm", "feed_forward", "ffn_norm")
+    attention_class = GQA
 
     def build_head(self, m: ModelConfig) -> nn.Module:
         """``norm_head``: InternLM2's row-normalised head; otherwise a bias-free Linear."""

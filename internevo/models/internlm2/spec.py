@@ -10,6 +10,7 @@ from torch import Tensor
 
 from internevo.config import ModelConfig, TrainConfig
 from internevo.models.base import (
+    GQA_MODEL_KEYS,
     Dims,
     HFMapping,
     ModelSpec,
@@ -21,11 +22,7 @@ from internevo.models.base import (
 )
 from internevo.models.internlm2.model import InternLM2
 
-OWN_KEYS = frozenset({
-    "num_kv_attention_heads", "adapt_hf", "no_bias", "init_type", "embedding_init_std",
-    "attn_wqkv_init_std", "attn_other_init_std", "ffn_uplayer_init_std", "ffn_other_init_std",
-    "out_head_init_std", "norm_head",
-})
+OWN_KEYS = GQA_MODEL_KEYS | {"norm_head"}
 _AUTO_MAP = {
     "AutoConfig": "configuration_internlm2.InternLM2Config",
     "AutoModel": "modeling_internlm2.InternLM2ForCausalLM",

@@ -7,6 +7,7 @@ from typing import Any, Optional
 
 from internevo.config import ModelConfig, TrainConfig
 from internevo.models.base import (
+    GQA_MODEL_KEYS,
     Dims,
     HFMapping,
     ModelSpec,
@@ -18,11 +19,7 @@ from internevo.models.base import (
 )
 from internevo.models.llama.model import Llama
 
-OWN_KEYS = frozenset({
-    "num_kv_attention_heads", "adapt_hf", "no_bias", "init_type", "embedding_init_std",
-    "attn_wqkv_init_std", "attn_other_init_std", "ffn_uplayer_init_std", "ffn_other_init_std",
-    "out_head_init_std",
-})
+OWN_KEYS = GQA_MODEL_KEYS
 
 
 def init_std(name: str, layer: Optional[int], m: ModelConfig) -> Optional[float]:
