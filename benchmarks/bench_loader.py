@@ -50,7 +50,7 @@ def loader_tokens_per_s(cfg: TrainConfig, batches: int) -> float:
 def trainer_tokens_per_s(cfg: TrainConfig, steps: int) -> float:
     """Tokens/s of forward + backward + AdamW on the demo model (packed rows, cu_seqlens).
 
-    Uses ``internevo.models.registry.build_model``; the batches come from dummy data so that
+    Uses ``internevo.models.build.build_model``; the batches come from dummy data so that
     this number does not depend on the loader being measured.  No warm-up step: on CPU one step
     takes many seconds, so first-call overheads do not matter.
     """

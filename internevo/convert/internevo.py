@@ -17,7 +17,7 @@ then the tensor shards (InternLM v1's per-rank ``[3, H/tp, d]`` ``Wqkv`` rows, I
 KV-group-major ``wqkv``, either embedding split), into the single-process state dict of our model;
 the optimizer's flat shards are cut back into per-parameter masters and moments by the plan and
 merged the same way.  The trainer then loads that full state into any layout
-(:func:`internevo.train.checkpoint.CheckpointManager.load`).  Every ``.pt`` file is read with
+(:func:`internevo.checkpoint.manager.CheckpointManager.load`).  Every ``.pt`` file is read with
 ``torch.load(weights_only=True)``; ``sampler.pt`` needs NumPy's array reconstruction allowed (its
 RNG state and indices are NumPy arrays) and nothing else.  ``model_config.pt`` pickles InternEvo's
 ``Config`` class, which ``weights_only`` refuses: it is never read (the model comes from the run's
@@ -521,7 +521,7 @@ def sampler_state(sampler: dict) -> dict:
 
 
 def read_checkpoint(path: Path, cfg: TrainConfig, parts: frozenset) -> dict:
-    """``parts`` (names of :data:`internevo.train.checkpoint.PARTS`) of the InternEvo checkpoint
+    """``parts`` (names of :data:`internevo.checkpoint.manager.PARTS`) of the InternEvo checkpoint
     at ``path`` (a step folder, or a save folder: its newest), as full state:
     ``{"folder", "layout", "model", "optimizer", "train_state", "schedules", "loader"}``."""
     folder = find_checkpoint(path)

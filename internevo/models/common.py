@@ -207,7 +207,7 @@ class Block(nn.Module):
         attention, attention_norm, mlp, mlp_norm = part_names
         h = m.hidden_size
         self.drop_rate = m.drop_rate
-        setattr(self, attention, self.attention_class(m))
+        setattr(self, attention, attention_class(m))
         setattr(self, attention_norm, RMSNorm(h, m.layer_norm_epsilon))
         setattr(self, mlp_norm, RMSNorm(h, m.layer_norm_epsilon))
         setattr(self, mlp, SwiGLU(h, ffn_hidden(h, m.mlp_ratio, m.multiple_of)))
