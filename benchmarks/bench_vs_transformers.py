@@ -1,7 +1,7 @@
 """Our training step vs a plain ``transformers`` LlamaForCausalLM + AdamW loop, in one run.
 
     .venv/bin/python benchmarks/bench_vs_transformers.py [--dtype fp32|bf16] [--steps 4]
-        [--warmup 1] [--micro-num 1] [--profile] [shape flags: --hidden 512 --layers 8 ...]
+        [--warmup 1] [--rounds 1] [--micro-num 1] [--profile] [shape flags: --hidden 512 ...]
 
 Both sides train the same shape (default: hidden 512, 8 layers, 8 heads / 4 KV heads, FFN 1792,
 vocab 92,544) on the same tokens: 4 documents of 512 tokens per step.  Ours is the real
@@ -13,10 +13,11 @@ defaults, as a user would run it: ``model(input_ids [4, 512], labels=...)``, ``c
 ``torch.optim.AdamW``.  ``--dtype bf16`` trains our model in bf16 (fp32 masters) and runs the
 reference under ``torch.autocast("cpu", torch.bfloat16)``.
 
-The two sides run one after the other, so the machine's load average is printed next to each;
-run it on a quiet machine.  The table gives medians.  GFLOP/s use the model FLOPs of
-:func:`step_flops` (6·N·T-style matmuls plus causal attention) for both sides; the peak is the best
-square matmul measured in this run in the training dtype.
+The two sides run one after the other (``--rounds N``: N times, alternating, the reference in a
+new process each time, so that load changes hit both sides alike), and the machine's load average
+is printed before each; run it on a quiet machine.  The table gives medians.  GFLOP/s use the
+model FLOPs of :func:`step_flops` (6·N·T-style matmuls plus causal attention) for both sides; the
+peak is the best square matmul measured in this run in the training dtype.
 """
 
 from __future__ import annotations
@@ -133,22 +134,32 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=4, help="timed steps per side")
     p.add_argument("--warmup", type=int, default=1, help="untimed steps per side")
     p.add_argument("--micro-num", type=int, default=1, help="packed rows per step (divides docs)")
+    p.add_argument("--rounds", type=int, default=1,
+                   help="alternate the sides this many times (theirs: a new process each time)")
     p.add_argument("--profile", action="store_true", help="print a profile of one of our steps")
     add_shape_args(p, DEFAULT_SHAPE)
     args = p.parse_args()
     shape, dtype = shape_from_args(args), DTYPES[args.dtype]
     cfg = bench_config(shape, args.dtype, args.micro_num)
-    batches = [our_batch(t, args.micro_num) for t in make_tokens(shape, args.warmup + args.steps)]
-    loads = [load()]
+    tokens = make_tokens(shape, args.warmup + args.steps * args.rounds)
+    batches = [our_batch(t, args.micro_num) for t in tokens]
+    ours, theirs, loads = {"times": [], "losses": []}, {"times": [], "losses": []}, []
     with tempfile.TemporaryDirectory() as run_dir:
         trainer = build_ours(cfg, Path(run_dir), torch.device("cpu"))
         peak = max(measure_cpu_matmul_peak(dtype) for _ in range(2))
-        ours = run_ours(trainer, batches, args.warmup)
+        for r in range(args.rounds):  # ours, theirs, ours, theirs, ...: load hits both alike
+            start = 0 if r == 0 else args.warmup + r * args.steps
+            loads.append(load())
+            part = run_ours(trainer, batches[start:args.warmup + (r + 1) * args.steps],
+                            args.warmup if r == 0 else 0)
+            loads.append(load())
+            other = run_reference(shape, "cpu", args.dtype, args.steps, args.warmup)
+            for side, res in ((ours, part), (theirs, other)):
+                side["times"] += res["times"]
+                side["losses"] += res["losses"]
+            theirs["threads"] = other["threads"]
         if args.profile:
             profile_step(trainer, batches[-1])
-        del trainer
-    loads.append(load())
-    theirs = run_reference(shape, "cpu", args.dtype, args.steps, args.warmup)
     loads.append(load())
     peak = max(peak, measure_cpu_matmul_peak(dtype))
     report(shape, cfg, args, peak, ours, theirs, loads)
@@ -163,8 +174,8 @@ def report(shape: Shape, cfg: TrainConfig, args: argparse.Namespace, peak: float
           f"{shape.seq} tokens/step ({args.micro_num} packed row(s)); {args.dtype}; threads "
           f"ours {torch.get_num_threads()}, theirs {theirs['threads']} (own process)")
     print(f"matmul peak measured in this run ({args.dtype}): {peak / 1e9:.1f} GFLOP/s; "
-          f"model FLOPs/step {flops / 1e9:.1f} G; load average before / between / after: "
-          f"{' / '.join(loads)}")
+          f"model FLOPs/step {flops / 1e9:.1f} G; load average before ours / theirs, ... , "
+          f"after: {' / '.join(loads)}")
     print(f"{'loop':<26}{'median s':>10}{'tokens/s':>10}{'GFLOP/s':>10}{'% peak':>8}")
     for name, times in (("internevo", ours["times"]), ("transformers + AdamW", theirs["times"])):
         med = statistics.median(times)
