@@ -33,6 +33,10 @@ LAYOUTS = {
     "msp2": (2, dict(zero1=1, tensor=dict(size=2, mode="msp")), {}),
     "fsp2": (2, dict(zero1=1, tensor=dict(size=2, mode="fsp")), {}),
     "dp4_zero1=2_x_fsp2": (8, dict(zero1=2, tensor=dict(size=2, mode="fsp")), {}),
+    "dp2_fsdp_x_mtp2": (4, dict(zero1=dict(size=-1, fsdp=True), tensor=dict(size=2, mode="mtp")),
+                        {}),
+    "dp2_fsdp_x_msp2": (4, dict(zero1=dict(size=-1, fsdp=True), tensor=dict(size=2, mode="msp")),
+                        {}),
 }
 
 
@@ -51,14 +55,16 @@ def expected_bytes(cfg, world: int) -> dict[str, int]:
     """docs/parallel.md: N_local = elements this tensor rank holds (norm weights whole, every
     other weight cut by tp); bf16 params and gradients (2·N_local; FSDP: the fp32 shards are
     the params), masters 4·N_local/zero1, AdamW moments 8·N_local/zero1 — rounded up per
-    parameter's dim 0 under FSDP, per bucket under ZeRO."""
+    parameter's dim 0 under FSDP (of its tensor-parallel shard), per bucket under ZeRO."""
     p = cfg.parallel
     tp = p.tensor.size
     zero1 = world // tp if p.zero1.size == -1 else p.zero1.size
     shapes = {n: t.shape for n, t in build_model(cfg, device="meta").named_parameters()}
     n_local = sum(s.numel() // (1 if "norm" in n else tp) for n, s in shapes.items())
-    if p.zero1.fsdp:  # (tensor size 1)
+    if p.zero1.fsdp:  # FSDP cuts dim 0 of each tensor-parallel shard
         shard = sum(math.ceil(s[0] / zero1) * math.prod(s[1:]) for s in shapes.values())
+        if tp > 1:  # every tensor-parallel shard of this tiny model splits evenly over zero1
+            shard = n_local // zero1
         return {"params": 4 * shard, "grads": 4 * shard, "master": 4 * shard,
                 "optimizer_states": 8 * shard}
     return {"params": 2 * n_local, "grads": 2 * n_local, "master": 4 * math.ceil(n_local / zero1),

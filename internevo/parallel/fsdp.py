@@ -242,8 +242,10 @@ class FSDPOptimizer(ShardedAdamW):
             return t
         from torch.distributed.tensor import DTensor
 
-        return DTensor.from_local(t, p.device_mesh[TENSOR], [placement], run_check=False,
-                                  shape=p.shape, stride=p.stride())
+        # the layout's own tensor mesh: slicing FSDP's concatenated 2-D mesh would build a new one
+        mesh = self.layout.device_mesh(t.device.type)[TENSOR]
+        return DTensor.from_local(t, mesh, [placement], run_check=False, shape=p.shape,
+                                  stride=p.stride())
 
     def shard_full(self, fulls: list[torch.Tensor]) -> list[torch.Tensor]:
         """This rank's rows of each full (tensor-parallel-local) tensor (FSDP2's dim-0 chunks)."""
