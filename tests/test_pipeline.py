@@ -21,6 +21,8 @@ from torch import nn
 
 from internevo.config import ConfigError, TrainConfig, config_from_dict
 from internevo.data.loader import build_train_loader
+from internevo.models.build import build_model
+from internevo.parallel.apply import parallelize
 from internevo.parallel.comm import Comm
 from internevo.parallel.layout import ParallelLayout
 from internevo.parallel.pipeline import (
@@ -137,6 +139,22 @@ def test_forward_only_runs_each_chunk_once_per_micro_batch():
     assert {a.kind for a in train_schedule(4, 1, 4, 2)} == {"F", "B"}
 
 
+def test_stage_model_keeps_global_names_and_checkpoints_per_chunk():
+    """Rank 1 of pp2 with 2 chunks of 4 layers holds layers 2, 3, 6, 7 under those names, the
+    final norm and head, no embedding, and recomputes the first int(0.5 * 2) block of each chunk."""
+    cfg = pp_config("INTERNLM2_PUBLIC", dict(pipeline=dict(size=2, interleaved_overlap=True)),
+                    dict(num_layers=8, num_chunks=2, checkpoint=0.5))
+    layout = ParallelLayout.from_config(cfg, 2, 1)
+    model = parallelize(cfg, layout, Comm(layout), torch.device("cpu"), seed=0)
+    full = build_model(cfg, seed=0)
+    names = {n.split(".")[0] + ("." + n.split(".")[1] if n.startswith("layers") else "")
+             for n, _ in model.named_parameters()}
+    assert names == {"layers.2", "layers.3", "layers.6", "layers.7", "norm", "output"}
+    for name, p in model.named_parameters():  # the single process's initial values
+        assert torch.equal(p, full.get_parameter(name)), name
+    assert [b.recompute for b in model.transformer_blocks()] == [True, False, True, False]
+
+
 # ------------------------------------------------------------------------- the runner, toy chain
 LAYERS, WIDTH, MICRO, ROWS = 8, 6, 4, 3
 
@@ -251,9 +269,10 @@ def pp_config(model_type: str, parallel: dict, model: dict, **top) -> TrainConfi
         model_type=model_type,
         data=dict(seq_len=SEQ, micro_bsz=1, micro_num=GLOBAL_ROWS, total_steps=STEPS,
                   num_worker=0),
-        model=dict(num_layers=4, hidden_size=64, num_attention_heads=4, vocab_size=256,
-                   multiple_of=16, dtype="torch.float32", **model,
-                   **(dict(num_kv_attention_heads=2) if model_type == "INTERNLM2_PUBLIC" else {})),
+        model={"num_layers": 4, "hidden_size": 64, "num_attention_heads": 4, "vocab_size": 256,
+               "multiple_of": 16, "dtype": "torch.float32",
+               **(dict(num_kv_attention_heads=2) if model_type == "INTERNLM2_PUBLIC" else {}),
+               **model},
         adam=dict(lr=2e-3), lr_scheduler=dict(warmup_ratio=0.2),
         hybrid_zero_optimizer=dict(clip_grad_norm=0.5), parallel=parallel,
         **{"ckpt": dict(enable_save_ckpt=False), "enable_tb": False, **top}))

@@ -3,7 +3,8 @@ checkpointing."""
 
 from __future__ import annotations
 
-from typing import Union
+from collections.abc import Sequence
+from typing import Optional, Union
 
 import torch
 from torch import nn
@@ -58,15 +59,19 @@ def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def apply_activation_checkpointing(model: nn.Module, fraction: Union[bool, float]) -> int:
+def apply_activation_checkpointing(model: nn.Module, fraction: Union[bool, float],
+                                   blocks: Optional[Sequence[nn.Module]] = None) -> int:
     """Recompute the first ``int(L * fraction)`` blocks in backward (True = all, False = none).
+
+    ``blocks``: the blocks to count from (default: all of the model's; a pipeline chunk passes its
+    own, as InternEvo counts ``L`` per chunk).
 
     Non-reentrant ``torch.utils.checkpoint`` (RNG state preserved, so dropout masks match) run
     inside each block: parameter names and ``state_dict()`` keys are unchanged.  Returns the number
     of checkpointed blocks.  (InternEvo's InternLM2 compares the layer index with the unrounded
     product, e.g. 32 x 0.2 -> 7 layers; here it is ``int()`` for both models.)
     """
-    blocks = model.transformer_blocks()
+    blocks = model.transformer_blocks() if blocks is None else blocks
     frac = 1.0 if fraction is True else float(fraction)
     count = int(len(blocks) * frac)
     for i, block in enumerate(blocks):

@@ -21,7 +21,7 @@ from internevo.parallel.comm import Comm
 from internevo.parallel.fsdp import FSDPOptimizer, shard_model
 from internevo.parallel.isp import SequenceShardLoss, apply_isp
 from internevo.parallel.layout import ParallelLayout
-from internevo.parallel.pipeline import build_stage_model
+from internevo.parallel.pipeline import build_stage_model, chunk_blocks, layout_chunks
 from internevo.parallel.scaler import LossScaler
 from internevo.parallel.tensor import VocabParallelLoss, apply_tensor_parallel
 from internevo.parallel.zero import HybridZeroOptimizer, ShardedAdamW
@@ -40,7 +40,10 @@ def parallelize(cfg: TrainConfig, layout: ParallelLayout, comm: Comm, device: to
         apply_isp(model, cfg, layout, comm, device.type)
     else:
         apply_tensor_parallel(model, cfg, layout, comm, device.type)
-    if cfg.model.checkpoint:
+    if cfg.model.checkpoint and layout.pipeline > 1:  # the fraction counts per chunk
+        for chunk in layout_chunks(cfg, layout):
+            apply_activation_checkpointing(model, cfg.model.checkpoint, chunk_blocks(model, chunk))
+    elif cfg.model.checkpoint:
         apply_activation_checkpointing(model, cfg.model.checkpoint)
     if layout.fsdp:
         return shard_model(model, cfg, layout, comm, device, seed)
