@@ -108,7 +108,8 @@ def expected_isp_block_collectives(cfg: TrainConfig, tokens: int, sp: int, wp: i
     linear's weight (+ bias) gathered in forward and in backward and its gradient reduce-scattered
     (five linears, seven for LLaMA's separate wq / wk / wv); q, k, v in one all-to-all and the
     attention output in another, both ways; the two norm-weight gradients all-reduced over the
-    weight group."""
+    weight group.  Under activation checkpointing the recomputation gathers the weights it keeps
+    for the backward (same counts)."""
     m = cfg.model
     h, heads, kv = m.hidden_size, m.num_attention_heads, cfg.num_kv_heads
     d, f = h // heads, ffn_hidden(h, m.mlp_ratio, m.multiple_of)
@@ -123,9 +124,10 @@ def expected_isp_block_collectives(cfg: TrainConfig, tokens: int, sp: int, wp: i
         out[("all_gather", "weight")] = (2 * linears, 2 * weights)
         out[("reduce_scatter", "weight")] = (linears, weights)
         out[("all_reduce", "weight")] = (2, 2 * 4 * h)
-    if sp > 1:
-        local = tokens // sp
-        out[("all_to_all", "tensor")] = (4, 2 * 4 * local * d * ((heads + 2 * kv) + heads))
+    if sp > 1:  # a recomputed (checkpointed) block runs its forward all-to-alls twice
+        local, passes = tokens // sp, 3 if m.checkpoint else 2
+        out[("all_to_all", "tensor")] = (2 * passes,
+                                         passes * 4 * local * d * ((heads + 2 * kv) + heads))
     return out
 
 

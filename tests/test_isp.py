@@ -72,7 +72,8 @@ def run_case(cfg: TrainConfig, layout: ParallelLayout, comm: Comm) -> dict:
 
 CASES = {  # world -> [(model_type, sp, wp, overlap, model overrides)]
     2: [("INTERNLM2_PUBLIC", 2, 1, False, {}), ("INTERNLM2_PUBLIC", 2, 2, True, {}),
-        ("INTERNLM", 2, 2, False, {}), ("INTERNLM", 1, 2, True, {}), ("LLAMA2", 2, 2, False, {})],
+        ("INTERNLM", 2, 2, False, {}), ("INTERNLM", 1, 2, True, {}), ("LLAMA2", 2, 2, False, {}),
+        ("INTERNLM2_PUBLIC", 2, 2, True, dict(checkpoint=True))],
     4: [("INTERNLM2_PUBLIC", 2, 2, True, {}), ("INTERNLM", 2, 1, False, {}),
         ("INTERNLM2_PUBLIC", 4, 4, True, WIDE), ("INTERNLM", 4, 2, False, {})],
 }

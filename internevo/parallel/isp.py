@@ -152,8 +152,8 @@ class WeightParallel:
     ``overlap`` a module's first fetch in a pass issues the gathers of its whole block and of
     the neighbour block in the pass's direction (next in forward, previous in backward), as
     asynchronous collectives; each fetch waits for its own.  Every gather is consumed exactly
-    once, so the counted collectives equal the plain path's.  (A block recomputed under
-    activation checkpointing gathers once more for the recomputation.)
+    once, so the counted collectives equal the plain path's; a block recomputed under activation
+    checkpointing gathers for the recomputation and keeps those weights for its backward.
     """
 
     def __init__(self, comm: Comm, overlap: bool) -> None:
@@ -162,6 +162,9 @@ class WeightParallel:
         self.unit_of: dict[nn.Module, int] = {}
         self.pending: dict[nn.Module, tuple[Any, Tensor]] = {}
         self.started: set[tuple[int, int]] = set()
+        self.retained: dict[nn.Module, list[Tensor]] = {}
+        """Weights gathered by a recomputation (activation checkpointing), kept for the
+        backward that immediately follows it."""
 
     def add_unit(self, modules: list[nn.Module]) -> None:
         """Register one block's weight-parallel modules (forward order)."""
@@ -176,6 +179,7 @@ class WeightParallel:
                 work.wait()
         self.pending.clear()
         self.started.clear()
+        self.retained.clear()
 
     def _start(self, module: nn.Module) -> None:
         """Issue the all-gather of ``module``'s weight (and bias) shards, as one flat buffer."""
@@ -194,7 +198,13 @@ class WeightParallel:
                         self._start(m)
 
     def fetch(self, module: nn.Module, direction: int) -> list[Tensor]:
-        """The full weight (and bias) of ``module``; ``direction`` +1 in forward, -1 in backward."""
+        """The full weight (and bias) of ``module``; ``direction`` +1 in forward, -1 in backward.
+
+        A forward inside backward is a checkpointed block's recomputation: its weights are kept
+        for the module's backward, which then gathers nothing.
+        """
+        if direction < 0 and module in self.retained:
+            return self.retained.pop(module)
         unit = self.unit_of.get(module)
         if self.overlap and unit is not None:
             self._prefetch(unit, direction)
@@ -203,7 +213,10 @@ class WeightParallel:
         work, out = self.pending.pop(module)
         if work is not None:
             work.wait()
-        return _unflatten(out, _params(module), self.comm.layout.weight)
+        full = _unflatten(out, _params(module), self.comm.layout.weight)
+        if direction > 0 and torch._C._current_graph_task_id() != -1:
+            self.retained[module] = full
+        return full
 
     def reduce_scatter(self, grads: list[Tensor]) -> list[Tensor]:
         """Sum full gradients over the weight group; this rank's row block of each, one flat
