@@ -1,4 +1,5 @@
-"""Command line: ``internevo train | dryrun | tokenize | tokenize-alpaca | convert | report``."""
+"""Command line: ``internevo train | dryrun | tokenize | tokenize-alpaca | convert | report |
+plan``."""
 
 from __future__ import annotations
 
@@ -118,10 +119,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     argv = [a for a in argv if a != "--debug"]
     commands = {"train": _train, "dryrun": _dryrun, "tokenize": _tokenize,
                 "tokenize-alpaca": _alpaca, "convert": lambda rest: convert_main(rest, debug),
-                "report": _report}
+                "report": _report, "plan": _plan}
     if not argv or argv[0] not in commands:
-        print("usage: internevo [--debug] {train,dryrun,tokenize,tokenize-alpaca,convert,report} "
-              "...",
+        print("usage: internevo [--debug] {train,dryrun,tokenize,tokenize-alpaca,convert,report,"
+              "plan} ...",
               file=sys.stderr)
         return 2
     try:
@@ -265,6 +266,12 @@ def _report(argv: list[str]) -> int:
     from internevo.profiling.report import report_main
 
     return report_main(argv)
+
+
+def _plan(argv: list[str]) -> int:
+    from internevo.profiling.planner import plan_main
+
+    return plan_main(argv)
 
 
 if __name__ == "__main__":

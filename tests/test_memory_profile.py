@@ -30,6 +30,7 @@ from internevo.parallel.comm import Comm
 from internevo.parallel.layout import ParallelLayout
 from internevo.parallel.spawn import spawn_ranks
 from internevo.profiling.memory import CATEGORIES, attach_memory_profiler
+from internevo.profiling.planner import measure, peak_bytes
 from internevo.train.trainer import Trainer
 
 STEPS = 2
@@ -41,6 +42,8 @@ MODES = {
     "dp2_zero1": (dict(zero1=2), dict(reduce_bucket_size=3000)),
     "dp2_fsdp": (dict(zero1=dict(size=2, fsdp=True)), {}),
     "tp2_msp": (dict(tensor=dict(size=2, mode="msp")), {}),
+    "dp2": (dict(zero1=1), {}),
+    "tp2_mtp": (dict(tensor=dict(size=2, mode="mtp")), {}),
 }
 
 
@@ -85,6 +88,13 @@ def profile_run(cfg, run_dir: Path, rank: int = 0, world: int = 1):
     return trainer, profile
 
 
+def counted_comm(trainer) -> dict[str, int]:
+    """Payload per ``<kind>/<group>`` that Comm counted in the first step."""
+    record = trainer.history[0]
+    return {k[len("comm/"):-len("/bytes")]: v for k, v in record.items()
+            if k.startswith("comm/") and k.endswith("/bytes")}
+
+
 def check_sums(profile: dict) -> None:
     for cat in CATEGORIES:
         assert sum(row[cat] for row in profile["modules"].values()) == profile["total"][cat], cat
@@ -127,11 +137,11 @@ def single():
         trainer, profile = profile_run(cfg, Path(tmp) / "run")
         batches = iter(build_train_loader(cfg, 0, 1))
         block = max(independent_block_bytes(trainer.model, next(batches)) for _ in range(STEPS))
-        yield cfg, profile, block, Path(tmp) / "run" / "memory" / "rank0"
+        yield cfg, profile, block, Path(tmp) / "run" / "memory" / "rank0", counted_comm(trainer)
 
 
 def test_one_process_bytes_per_module(single):
-    cfg, profile, block_bytes, out = single
+    cfg, profile, block_bytes, out, _ = single
     numels = {n: math.prod(s) for n, s in full_shapes(cfg).items()}
     expected = by_module({n: F32 * k for n, k in numels.items()})
     for cat in ("params", "grads", "master"):
@@ -157,7 +167,7 @@ def expected_sectors(profile: dict, cat: str) -> int:
 
 
 def test_report_html_renders_in_headless_chromium(single):
-    _, profile, _, out = single
+    _, profile, _, out, _ = single
     browser = shutil.which("chromium") or shutil.which("chromium-browser")
     if browser is None:
         pytest.skip("chromium not installed (.ci/run installs Debian's chromium)")
@@ -183,7 +193,7 @@ def _rank_profiles(rank: int, world: int) -> dict:
     for mode, (parallel, hz) in MODES.items():
         with tempfile.TemporaryDirectory() as tmp:
             trainer, profile = profile_run(make_cfg(parallel, hz), Path(tmp) / "run", rank, world)
-        out[mode] = {"profile": profile}
+        out[mode] = {"profile": profile, "comm": counted_comm(trainer)}
         opt = trainer.optimizer
         if mode == "dp2_zero1":  # which parameter each element of this rank's shard is
             tags = [torch.full(s, float(i + 1)) for i, s in enumerate(opt.shapes)]
@@ -251,3 +261,21 @@ def test_tensor_parallel_msp_local_shards(two_ranks):
         assert column(profile, "optimizer_states") == {m: 2 * v for m, v in local.items()}
         check_sums(profile)
         assert profile["total"]["activations_peak"] > 0
+
+
+# ------------------------------------------------------------------------------------ planner
+def test_planner_predicts_profiled_peak_and_counted_comm(single, two_ranks):
+    """Six layouts: the planner's dry-run-based peak within 10% of the profiler's measured peak
+    (largest timeline total of rank 0) and its collective payloads equal to the counted ones."""
+    cfg, profile, _, _, comm = single
+    cases = [("1 process", cfg, 1, profile, comm)]
+    cases += [(mode, make_cfg(*MODES[mode]), 2, two_ranks[0][mode]["profile"],
+               two_ranks[0][mode]["comm"]) for mode in MODES]
+    measured = measure([c[1] for c in cases[:1]], 1, progress=False)
+    measured += measure([c[1] for c in cases[1:]], 2, progress=False)
+    for (name, c, _, prof, counted), m in zip(cases, measured):
+        assert "error" not in m, (name, m)
+        predicted = peak_bytes(m["bytes"], c.data.micro_num)
+        peak = max(point["total"] for point in prof["timeline"])
+        assert abs(predicted - peak) <= 0.1 * peak, (name, predicted, peak)
+        assert m["comm"] == counted, name
