@@ -44,7 +44,11 @@ MODES = {
     "tp2_msp": (dict(tensor=dict(size=2, mode="msp")), {}),
     "dp2": (dict(zero1=1), {}),
     "tp2_mtp": (dict(tensor=dict(size=2, mode="mtp")), {}),
+    "dp2_zero1_overlap": (dict(zero1=2), dict(overlap_sync_grad=True, reduce_bucket_size=3000)),
 }
+PLANNED = ("dp2_zero1", "tp2_msp", "dp2", "tp2_mtp", "dp2_zero1_overlap")
+"""Layouts (with the single process) whose planned peak is checked against the profiler; FSDP is
+left out: the profiler does not see FSDP2's unsharded gradient accumulation (see docs)."""
 
 
 def make_cfg(parallel: dict | None = None, hz: dict | None = None):
@@ -270,12 +274,13 @@ def test_planner_predicts_profiled_peak_and_counted_comm(single, two_ranks):
     cfg, profile, _, _, comm = single
     cases = [("1 process", cfg, 1, profile, comm)]
     cases += [(mode, make_cfg(*MODES[mode]), 2, two_ranks[0][mode]["profile"],
-               two_ranks[0][mode]["comm"]) for mode in MODES]
-    measured = measure([c[1] for c in cases[:1]], 1, progress=False)
-    measured += measure([c[1] for c in cases[1:]], 2, progress=False)
+               two_ranks[0][mode]["comm"]) for mode in PLANNED]
+    measured = measure([c[1] for c in cases], [c[2] for c in cases], progress=False)
+    rows = []
     for (name, c, _, prof, counted), m in zip(cases, measured):
         assert "error" not in m, (name, m)
-        predicted = peak_bytes(m["bytes"], c.data.micro_num)
+        predicted = peak_bytes(m["bytes"], c.data.micro_num, c.parallel.zero1.fsdp)
         peak = max(point["total"] for point in prof["timeline"])
-        assert abs(predicted - peak) <= 0.1 * peak, (name, predicted, peak)
-        assert m["comm"] == counted, name
+        rows.append((name, predicted, peak, m["comm"] == counted))
+    print("\n".join(f"{n}: planned {p} measured {q} comm equal {e}" for n, p, q, e in rows))
+    assert all(abs(p - q) <= 0.1 * q and e for _, p, q, e in rows), rows

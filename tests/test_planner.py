@@ -43,7 +43,7 @@ def test_enumerated_layouts_are_every_valid_combination():
     got = enumerate_layouts(cfg, gpus=4, gpus_per_node=2)
     expected = []
     for tp, modes, zero1s, fsdps in ((1, ("mtp",), (1, 2, 4), (False, True)),
-                                     (2, ("mtp", "msp", "fsp", "isp"), (1, 2), (False,))):
+                                     (2, ("mtp", "msp", "fsp", "isp"), (1, 2), (False, True))):
         for mode, zero1, fsdp, ckpt, bsz in itertools.product(modes, zero1s, fsdps,
                                                               (False, True), (1, 2, 4)):
             expected.append(dict(zip(LAYOUT_KEYS, (tp, mode, zero1, fsdp, ckpt, bsz, 4 // bsz))))

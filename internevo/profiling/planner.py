@@ -103,8 +103,6 @@ def allowed(cfg: TrainConfig, gpus: int) -> bool:
     from internevo.config import ConfigError
     from internevo.parallel.layout import ParallelLayout
 
-    if cfg.parallel.zero1.fsdp and cfg.parallel.tensor.size > 1:
-        return False  # not implemented by internevo/parallel/fsdp.py
     try:
         ParallelLayout.from_config(cfg, gpus, 0)
     except (ConfigError, ValueError):
@@ -146,17 +144,19 @@ def extrapolate(one: dict, two: dict, layers: int) -> dict:
             for k in set(one) | set(two)}
 
 
-def measure(cfgs: list[TrainConfig], world: int, workers: int = 2,
+def measure(cfgs: list[TrainConfig], world: int | list[int], workers: int = 2,
             progress: bool = True) -> list[dict]:
-    """Dry-run bytes and comm of each config at ``world`` ranks (1- and 2-block extrapolation)."""
+    """Dry-run bytes and comm of each config at ``world`` ranks (one world size for all, or one
+    per config), deep models by the 1- and 2-block extrapolation."""
+    worlds = world if isinstance(world, list) else [world] * len(cfgs)
     jobs = []
-    for cfg in cfgs:
+    for cfg, ranks in zip(cfgs, worlds):
         layers = cfg.model.num_layers
         depths = (layers,) if layers <= 2 else (1, 2)
         for depth in depths:
             small = copy.deepcopy(cfg)
             small.model.num_layers = depth
-            jobs.append((small, world))
+            jobs.append((small, ranks))
     with mp.get_context("spawn").Pool(workers, maxtasksperchild=8) as pool:
         results = pool.imap(_dry_bytes, jobs)
         if progress:
@@ -181,9 +181,10 @@ def measure(cfgs: list[TrainConfig], world: int, workers: int = 2,
 
 
 # ------------------------------------------------------------------------------ predictions
-def peak_bytes(b: dict, micro_num: int) -> int:
-    """Per-rank peak of the profiled categories (module doc)."""
-    static = b["params"] + b["master"] + b["optimizer_states"]
+def peak_bytes(b: dict, micro_num: int, fsdp: bool = False) -> int:
+    """Per-rank peak of the profiled categories (module doc); under FSDP the masters are the
+    sharded parameters, counted once."""
+    static = b["params"] + (0 if fsdp else b["master"]) + b["optimizer_states"]
     held = b["activations_peak"] + (b["grads"] if micro_num > 1 else 0)
     return static + max(b["grads"], held)
 
@@ -225,7 +226,7 @@ def predict(cfg: TrainConfig, gpus: int, measured: dict, hw: Hardware,
     comm = comm_seconds(cfg, gpus, measured["comm"], hw, gpus_per_node)
     hidden = min(comm["dp"], hw.dp_overlap * compute)
     step = compute + comm["tp"] + comm["dp"] - hidden
-    memory = peak_bytes(measured["bytes"], d.micro_num)
+    memory = peak_bytes(measured["bytes"], d.micro_num, cfg.parallel.zero1.fsdp)
     return {"tgs": tokens * dp / gpus / step, "tflops": flops / step / 1e12,
             "mfu": flops / step / (hw.peak_tflops * 1e12), "memory_gib": memory / GIB,
             "fits": memory / GIB + hw.reserve_gib <= hw.memory_gib,

@@ -293,6 +293,11 @@ def _small_int(t: torch.Tensor) -> bool:
             and t.numel() <= _SHADOW_LIMIT)
 
 
+def _is_parameter(t: torch.Tensor) -> bool:
+    """A parameter or a view of one (``weight.t()`` saved by a matmul): not an activation."""
+    return isinstance(t, torch.nn.Parameter) or isinstance(t._base, torch.nn.Parameter)
+
+
 class SavedActivations:
     """Peak bytes saved for backward: storages from pack until freed, each counted once."""
 
@@ -300,12 +305,20 @@ class SavedActivations:
         self.live = 0
         self.peak = 0
         self._storages: dict[int, int] = {}
+        self.excluded: set[int] = set()
+        """Storages of the parameters' local tensors (tensor-parallel shards saved by matmuls)."""
+
+    def exclude(self, params: Any) -> None:
+        """Never count the storages of ``params`` (DTensors: their local shards)."""
+        for p in params:
+            local = getattr(p, "_local_tensor", p)  # no to_local op under the counting mode
+            self.excluded.add(local.untyped_storage()._cdata)
 
     def pack(self, t: torch.Tensor) -> torch.Tensor:
         """``saved_tensors_hooks`` pack: count, keep the tensor as it is."""
         storage = t.untyped_storage()
         key = storage._cdata
-        if key not in self._storages and not isinstance(t, torch.nn.Parameter):
+        if key not in self._storages and key not in self.excluded and not _is_parameter(t):
             self._storages[key] = storage.nbytes()
             self.live += storage.nbytes()
             self.peak = max(self.peak, self.live)
@@ -388,6 +401,7 @@ def dry_run(cfg: Any, world: int, rank: int = 0, device: str = "cuda", seed: int
         with fake, counter, _fake_module_conversion(fake), _StandInLiterals():
             trainer = Trainer(cfg, layout, comm, dev, Path(run_dir or "runs/dryrun"), seed)
             grads = GradientBytes(trainer)
+            saved.exclude(trainer.model.parameters())
             batch = next(iter(trainer.loader))
             with saved.hooks():
                 trainer.train_step(batch)
