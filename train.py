@@ -2,7 +2,7 @@
 
 import sys
 
-from internevo.cli import main
+from internevo.entry import main
 
 if __name__ == "__main__":
-    sys.exit(main(["train", *sys.argv[1:]]))
+    sys.exit(main(prefix=["train"]))

@@ -12,7 +12,7 @@ from typing import Optional
 
 import torch
 
-from internevo.errors import InternEvoError, one_line
+from internevo.errors import InternEvoError, one_line, run_entry
 
 
 def add_train_arguments(parser: argparse.ArgumentParser) -> None:
@@ -77,61 +77,66 @@ def run_train(args: argparse.Namespace) -> list[dict]:
         seed_everything,
         setup_logging,
         shutdown,
+        start_liveness,
     )
     from internevo.models.attention import describe_backend
     from internevo.parallel.comm import Comm
     from internevo.parallel.layout import ParallelLayout
+    from internevo.train.interrupt import StopSignals
+    from internevo.train.preflight import preflight
     from internevo.train.trainer import Trainer, run_dir_for
 
     overrides = dict(parse_override(text) for text in args.set)
     cfg = load_config(args.config, overrides)
     info = read_launch_env(args.launcher, port=args.port)
     layout = ParallelLayout.from_config(cfg, info.world_size, info.rank)  # validate before init
-    setup_logging(info.rank, layout.is_log_rank)
-    device = pick_device(info.local_rank)
-    apply_backend_flags(cfg, device)
-    init_process_group(info, device, args.timeout)
-    seed_everything(args.seed)
-    layout.build_groups()
-    comm = Comm(layout, device)
     run_dir = run_dir_for(cfg, args.run_dir)
-    if layout.is_log_rank:
-        print(f"[internevo] {cfg.JOB_NAME}: {layout.describe()} | device {device} | "
-              f"run dir {run_dir}")
-        m = cfg.model
-        print(f"[internevo] {describe_backend(device, m.use_flash_attn, m.attn_drop_rate)}")
-    trainer = Trainer(cfg, layout, comm, device, run_dir, args.seed)
-    if args.profiling == "memory":
-        from internevo.profiling.memory import attach_memory_profiler
+    preflight(cfg, run_dir)
+    setup_logging(info.rank, layout.is_log_rank)
+    signals = StopSignals().install()
+    try:
+        device = pick_device(info.local_rank)
+        apply_backend_flags(cfg, device)
+        init_process_group(info, device, args.timeout)
+        seed_everything(args.seed)
+        layout.build_groups(args.timeout)
+        comm = Comm(layout, device, liveness=start_liveness(info, args.timeout))
+        if layout.is_log_rank:
+            print(f"[internevo] {cfg.JOB_NAME}: {layout.describe()} | device {device} | "
+                  f"run dir {run_dir}")
+            m = cfg.model
+            print(f"[internevo] {describe_backend(device, m.use_flash_attn, m.attn_drop_rate)}")
+        trainer = Trainer(cfg, layout, comm, device, run_dir, args.seed, signals=signals)
+        if args.profiling == "memory":
+            from internevo.profiling.memory import attach_memory_profiler
 
-        attach_memory_profiler(trainer)
-    history = trainer.fit()
-    if args.comm_report and layout.is_log_rank:
-        print(comm.report())
-    shutdown()
+            attach_memory_profiler(trainer)
+        history = trainer.fit()
+        if args.comm_report and layout.is_log_rank:
+            print(comm.report())
+        shutdown()
+    finally:
+        signals.restore()
     return history
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    """Entry point of the ``internevo`` console script."""
+    """Entry point of the ``internevo`` command: every failure is one line on stderr (a
+    traceback too with ``--debug``)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv  # show tracebacks of input errors too
-    argv = [a for a in argv if a != "--debug"]
     commands = {"train": _train, "dryrun": _dryrun, "tokenize": _tokenize,
                 "tokenize-alpaca": _alpaca, "convert": lambda rest: convert_main(rest, debug),
                 "report": _report, "plan": _plan}
-    if not argv or argv[0] not in commands:
-        print("usage: internevo [--debug] {train,dryrun,tokenize,tokenize-alpaca,convert,report,"
-              "plan} ...",
-              file=sys.stderr)
-        return 2
-    try:
-        return commands[argv[0]](argv[1:]) or 0
-    except InternEvoError as err:  # config, data, checkpoint, conversion: one line
-        if debug:
-            raise
-        print(one_line(err), file=sys.stderr)
-        return 2
+
+    def dispatch(args: list[str]) -> int:
+        if not args or args[0] not in commands:
+            print("usage: internevo [--debug] {train,dryrun,tokenize,tokenize-alpaca,convert,"
+                  "report,plan} ...", file=sys.stderr)
+            return 2
+        return commands[args[0]](args[1:]) or 0
+
+    return run_entry(dispatch, argv)
 
 
 def _train(argv: list[str]) -> int:

@@ -714,6 +714,49 @@ def _validate_optim(cfg: TrainConfig, where: str) -> None:
         _check(cfg.ckpt.keep_last_n >= 1, where, "ckpt.keep_last_n", "must be >= 1 or None")
 
 
+_RANGES = {  # field -> (lowest, highest, lowest included); None = no bound
+    "data.valid_micro_num": (1, None, True),
+    "data.num_worker": (0, None, True),
+    "data.seed": (0, None, True),
+    "data.empty_cache_and_diag_interval": (1, None, True),
+    "data.diag_outlier_ratio": (0, None, False),
+    "model.layer_norm_epsilon": (0, None, False),
+    "model.rope_base": (0, None, False),
+    "model.max_position_embeddings": (1, None, True),
+    "model.num_chunks": (1, None, True),
+    "ckpt.checkpoint_every": (1, None, True),
+    "ckpt.oss_snapshot_freq": (1, None, True),
+    "lr_scheduler.total_steps": (1, None, True),
+    "lr_scheduler.init_steps": (0, None, True),
+    "lr_scheduler.eta_min": (0, None, True),
+    "adam.adam_eps": (0, None, False),
+    "adam.weight_decay": (0, None, True),
+    "adam.adam_beta2_c": (0, None, True),
+    "beta2_scheduler.c": (0, None, True),
+    "beta2_scheduler.init_beta2": (0, 1, True),
+    "hybrid_zero_optimizer.reduce_bucket_size": (1, None, True),
+    "grad_scaler.growth_factor": (1, None, False),
+    "grad_scaler.backoff_factor": (0, 1, False),
+    "grad_scaler.hysteresis": (1, None, True),
+    "grad_scaler.fp16.min_scale": (0, None, False),
+    "grad_scaler.fp16.growth_interval": (1, None, True),
+}
+"""Numeric ranges of fields not checked elsewhere (a highest bound is always excluded)."""
+
+
+def _validate_ranges(cfg: TrainConfig, where: str) -> None:
+    """Every field of :data:`_RANGES` that is set lies in its range (the error names it)."""
+    for dotted, (low, high, low_ok) in _RANGES.items():
+        obj = cfg
+        for part in dotted.split("."):
+            obj = getattr(obj, part)
+        if obj is None:
+            continue
+        valid = (obj >= low if low_ok else obj > low) and (high is None or obj < high)
+        bound = f"{'>=' if low_ok else '>'} {low}" + (f" and < {high}" if high is not None else "")
+        _check(valid, where, dotted, f"must be {bound}, got {obj}")
+
+
 def _validate_frozen(cfg: TrainConfig, where: str) -> None:
     for dotted, only in _FROZEN_ONLY.items():
         section, key = dotted.split(".")
@@ -731,6 +774,7 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     _validate_model(cfg, where)
     _validate_parallel(cfg, where)
     _validate_optim(cfg, where)
+    _validate_ranges(cfg, where)
     _validate_frozen(cfg, where)
     return cfg
 

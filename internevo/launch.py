@@ -22,7 +22,7 @@ import re
 import sys
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Optional
+from typing import Any, Optional
 
 import numpy as np
 import torch
@@ -51,8 +51,10 @@ class LaunchInfo:
     """Port of the rendezvous store."""
 
 
-class LaunchError(RuntimeError):
+class LaunchError(ProjectError, RuntimeError):
     """The launcher's environment is incomplete or inconsistent."""
+
+    label = "launch error"
 
 
 # ------------------------------------------------------------------------------------------
@@ -158,6 +160,7 @@ def init_process_group(info: LaunchInfo, device: torch.device, timeout_s: float 
     """
     if info.world_size == 1 or dist.is_initialized():
         return
+    set_default_timeout(timeout_s)
     dist.init_process_group(backend=choose_backend(device), rank=info.rank,
                             world_size=info.world_size,
                             init_method=f"tcp://{info.master_addr}:{info.master_port}",
@@ -202,6 +205,17 @@ def setup_logging(rank: int, is_log_rank: bool) -> logging.Handler:
     return handler
 
 
+def set_default_timeout(timeout_s: float) -> None:
+    """Make ``timeout_s`` the timeout of every process group created without one (DeviceMesh's
+    groups, those of libraries): PyTorch's default is 30 minutes whatever the world group has."""
+    from torch.distributed import distributed_c10d
+
+    timeout = datetime.timedelta(seconds=timeout_s)
+    distributed_c10d.default_pg_timeout = timeout
+    if isinstance(getattr(distributed_c10d, "default_pg_nccl_timeout", None), datetime.timedelta):
+        distributed_c10d.default_pg_nccl_timeout = timeout
+
+
 def seed_everything(seed: int) -> None:
     """Seed Python, NumPy and torch (all devices) with one seed: the one RNG policy.
 
@@ -211,6 +225,17 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
+
+
+def start_liveness(info: LaunchInfo, timeout_s: float) -> Any:
+    """This rank's heartbeat in the rendezvous store, so that a failed collective can name the
+    ranks that stopped answering (None for a single process)."""
+    if info.world_size == 1:
+        return None
+    from internevo.parallel.liveness import Liveness
+
+    return Liveness.connect(info.master_addr, info.master_port, info.rank, info.world_size,
+                            timeout_s)
 
 
 def shutdown() -> None:

@@ -256,8 +256,8 @@ def test_truncated_or_corrupted_files_are_named(saved, tmp_path):
         t.ckpt.load(request)
     (ck / "__0_0.distcp").write_bytes(data)
     meta = (ck / "meta.json").read_bytes()
-    (ck / "meta.json").write_bytes(b"#" * len(meta))  # same size: only parsing can tell
-    with pytest.raises(CheckpointError, match=re.escape(f"{ck / 'meta.json'}: unreadable")):
+    (ck / "meta.json").write_bytes(b"#" * len(meta))  # same size: the checksum tells
+    with pytest.raises(CheckpointError, match=re.escape(f"{ck / 'meta.json'}: checksum mismatch")):
         t.ckpt.load(request)
     (ck / "meta.json").write_bytes(meta)
     (ck / ".metadata").unlink()

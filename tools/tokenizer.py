@@ -6,7 +6,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout, uninstalled
 
-from internevo.data.tools import tokenize_main  # noqa: E402
+from internevo.entry import main  # noqa: E402
 
 if __name__ == "__main__":
-    sys.exit(tokenize_main())
+    sys.exit(main(prefix=["tokenize"]))

@@ -30,6 +30,7 @@ import os
 import re
 import shutil
 import warnings
+import zlib
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any, Optional, Union
@@ -54,6 +55,8 @@ TMP_PREFIX, TRASH_PREFIX = ".tmp-", ".trash-"
 MODEL_PREFIX = "model."
 """DCP keys of the model weights: ``model.<parameter name>``."""
 _BACKEND = re.compile(r"^([A-Za-z][A-Za-z0-9_]+):")
+_CKPT_NAME = re.compile(r"^(\d+)(?:\.(\d+))?$")
+_CHUNK = 1 << 20
 
 
 class CheckpointError(InternEvoError, RuntimeError):
@@ -85,13 +88,21 @@ def marker_step(folder: Path) -> Optional[int]:
     return max(steps) if steps else None
 
 
+def checkpoint_step(name: str) -> Optional[tuple[int, int]]:
+    """``"5"`` -> (5, 0); ``"5.2"`` -> (5, 2) (the third save of step 5 in this folder, by a run
+    that found ``5`` taken); anything else -> None."""
+    match = _CKPT_NAME.match(name)
+    return None if match is None else (int(match.group(1)), int(match.group(2) or 0))
+
+
 def complete_checkpoints(save_folder: Path) -> list[tuple[int, Path]]:
-    """``(step, folder)`` of every complete checkpoint in ``save_folder``, oldest first."""
+    """``(step, folder)`` of every complete checkpoint in ``save_folder``, oldest first (a
+    repeated step's later saves after its earlier ones)."""
     if not save_folder.is_dir():
         return []
-    found = [(int(c.name), c) for c in save_folder.iterdir()
-             if c.name.isdigit() and marker_step(c) == int(c.name)]
-    return sorted(found)
+    found = [(key, c) for c in save_folder.iterdir()
+             if (key := checkpoint_step(c.name)) is not None and marker_step(c) == key[0]]
+    return [(key[0], c) for key, c in sorted(found)]
 
 
 def latest_checkpoint(save_folder: Path) -> Optional[Path]:
@@ -117,8 +128,18 @@ def write_json(path: Path, obj: Any) -> None:
 
 
 def save_torch(path: Path, obj: Any) -> None:
+    """``torch.save`` whose short write (torch says ``unexpected pos``) names the file and the
+    free space on its device."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save(obj, path)
+    try:
+        torch.save(obj, path)
+    except RuntimeError as err:
+        if "unexpected pos" not in str(err) and "failed writing" not in str(err):
+            raise
+        free = shutil.disk_usage(path.parent).free
+        raise CheckpointError(f"{path}: the write came out short; {free} bytes are free on its "
+                              "device: no space left there? Free space or choose another "
+                              "ckpt.save_ckpt_folder") from None
 
 
 def read_json(path: Path) -> dict:
@@ -148,29 +169,46 @@ def meta_field(meta: dict, key: str, folder: Path) -> Any:
 # ---------------------------------------------------------------------- completion and checks
 
 
+def file_crc32(path: Path) -> int:
+    """CRC-32 of a file's bytes (zlib; about 1 GB/s, a fraction of writing it)."""
+    crc = 0
+    with open(path, "rb") as f:
+        while chunk := f.read(_CHUNK):
+            crc = zlib.crc32(chunk, crc)
+    return crc
+
+
 def write_manifest(folder: Path) -> None:
-    """Record the size of every file in ``folder`` (checked on load)."""
-    files = {p.relative_to(folder).as_posix(): p.stat().st_size
-             for p in sorted(folder.rglob("*")) if p.is_file()}
-    write_json(folder / MANIFEST_FILE, {"files": files})
+    """Record the size and CRC-32 of every file in ``folder`` (both checked on load)."""
+    paths = [p for p in sorted(folder.rglob("*")) if p.is_file()]
+    files = {p.relative_to(folder).as_posix(): p.stat().st_size for p in paths}
+    crc32 = {p.relative_to(folder).as_posix(): file_crc32(p) for p in paths}
+    write_json(folder / MANIFEST_FILE, {"files": files, "crc32": crc32})
+
+
+def free_name(save_folder: Path, step: int) -> Path:
+    """``<step>``, or ``<step>.<k>`` with the first free ``k`` when a checkpoint of that step is
+    there already (another run's, or this run's before it restarted from an older state): a
+    save never replaces a checkpoint."""
+    final, k = save_folder / str(step), 0
+    while final.exists():
+        k += 1
+        final = save_folder / f"{step}.{k}"
+    return final
 
 
 def finalize(tmp: Path, save_folder: Path, step: int) -> Path:
-    """Manifest, marker, then the atomic rename ``.tmp-<step>`` -> ``<step>`` (rank 0 only)."""
+    """Manifest, marker, then the atomic rename ``.tmp-<step>`` -> ``<step>`` (or a free
+    ``<step>.<k>``: :func:`free_name`) (rank 0 only); returns the checkpoint folder."""
     write_manifest(tmp)
     write_json(tmp / f"{step}.step", {"step": step})
-    final = save_folder / str(step)
-    trash = save_folder / f"{TRASH_PREFIX}{step}"
-    if final.exists():  # the same step saved again (e.g. a run restarted from an older state)
-        shutil.rmtree(trash, ignore_errors=True)
-        final.rename(trash)
+    final = free_name(save_folder, step)
     tmp.rename(final)
     fd = os.open(save_folder, os.O_RDONLY)
     try:
         os.fsync(fd)
     finally:
         os.close(fd)
-    shutil.rmtree(trash, ignore_errors=True)
     return final
 
 
@@ -182,11 +220,33 @@ def remove_checkpoint(folder: Path) -> None:
     shutil.rmtree(trash, ignore_errors=True)
 
 
-def verify_checkpoint(folder: Path, parts: Iterable[str]) -> Optional[dict]:
-    """``meta.json`` of a complete, untruncated checkpoint; None for a model-only folder.
+def check_manifest(folder: Path, manifest: dict, share: tuple[int, int] = (0, 1)) -> None:
+    """Every file the manifest lists is there with its size and (when recorded) its CRC-32.
+
+    ``share = (index, count)``: check the checksums of every ``count``-th file from ``index``
+    only (the ranks of a job split the reading); sizes are always checked.
+    """
+    crcs = manifest.get("crc32", {})
+    for i, (name, size) in enumerate(sorted(manifest.get("files", {}).items())):
+        path = folder / name
+        if not path.is_file():
+            raise CheckpointError(f"{path}: missing; the checkpoint is incomplete")
+        if path.stat().st_size != size:
+            raise CheckpointError(f"{path}: {path.stat().st_size} bytes but {size} were written; "
+                                  "the checkpoint is truncated or corrupted")
+        if name in crcs and i % share[1] == share[0] and file_crc32(path) != crcs[name]:
+            raise CheckpointError(f"{path}: checksum mismatch (crc32 {file_crc32(path):08x}, "
+                                  f"{crcs[name]:08x} when written): the file was damaged after "
+                                  "it was saved; load an earlier checkpoint")
+
+
+def verify_checkpoint(folder: Path, parts: Iterable[str],
+                      share: tuple[int, int] = (0, 1)) -> Optional[dict]:
+    """``meta.json`` of a complete, undamaged checkpoint; None for a model-only folder.
 
     Model-only folders (``internevo convert from-hf``: DCP ``model.*`` tensors + ``config.py``,
-    written atomically, no marker) are accepted when only the model is asked for.
+    written atomically, no marker) are accepted when only the model is asked for; their manifest
+    (when they have one) is checked too.  ``share``: see :func:`check_manifest`.
     """
     step = marker_step(folder)
     if step is None:
@@ -199,15 +259,10 @@ def verify_checkpoint(folder: Path, parts: Iterable[str]) -> Optional[dict]:
         if set(parts) != {"model"}:
             raise CheckpointError(f"{folder}: holds model weights only (no {META_FILE}); load it "
                                   "with content=('model',)")
+        if (folder / MANIFEST_FILE).is_file():
+            check_manifest(folder, read_json(folder / MANIFEST_FILE), share)
         return None
-    manifest = read_json(folder / MANIFEST_FILE)
-    for name, size in manifest.get("files", {}).items():
-        path = folder / name
-        if not path.is_file():
-            raise CheckpointError(f"{path}: missing; the checkpoint is incomplete")
-        if path.stat().st_size != size:
-            raise CheckpointError(f"{path}: {path.stat().st_size} bytes but {size} were written; "
-                                  "the checkpoint is truncated or corrupted")
+    check_manifest(folder, read_json(folder / MANIFEST_FILE), share)
     meta = read_json(folder / META_FILE)
     if meta.get("format") != FORMAT or meta.get("version", 0) > FORMAT_VERSION:
         raise CheckpointError(f"{folder / META_FILE}: format {meta.get('format')!r} version "
@@ -215,7 +270,7 @@ def verify_checkpoint(folder: Path, parts: Iterable[str]) -> Optional[dict]:
     return meta
 
 
-def _config_hint(folder: Path, model_cfg: dict) -> str:
+def config_hint(folder: Path, model_cfg: dict) -> str:
     """Which model settings differ from the checkpoint's (appended to shape errors)."""
     path = folder / MODEL_CONFIG_FILE
     if not path.is_file():
@@ -243,11 +298,11 @@ def check_tensors(folder: Path, expected: dict[str, tuple], model_cfg: dict,
     for key, shape in expected.items():
         if key not in saved:
             raise CheckpointError(f"{folder}: tensor {key!r} is not in the checkpoint"
-                                  f"{_config_hint(folder, model_cfg)}")
+                                  f"{config_hint(folder, model_cfg)}")
         if saved[key] != tuple(shape):
             raise CheckpointError(f"{folder}: tensor {key!r} has shape {saved[key]} in the "
                                   f"checkpoint but {tuple(shape)} in this model"
-                                  f"{_config_hint(folder, model_cfg)}")
+                                  f"{config_hint(folder, model_cfg)}")
 
 
 # --------------------------------------------------------------------- model-specific shapes
@@ -341,6 +396,7 @@ def save_model_state(path: Union[str, Path], sd: dict[str, Tensor], cfg: TrainCo
         (tmp / CONFIG_FILE).write_text(config_text(cfg))
         model = json.dumps(dataclasses.asdict(cfg.model), indent=2)
         (tmp / MODEL_CONFIG_FILE).write_text(model + "\n")
+        write_manifest(tmp)
     return Path(path)
 
 

@@ -38,7 +38,9 @@ from internevo.checkpoint.format import (
     TRASH_PREFIX,
     CheckpointError,
     check_tensors,
+    checkpoint_step,
     complete_checkpoints,
+    config_hint,
     config_text,
     finalize,
     latest_checkpoint,
@@ -54,6 +56,7 @@ from internevo.checkpoint.format import (
     write_bytes,
     write_json,
 )
+from internevo.checkpoint.lock import FolderLock
 from internevo.config import TrainConfig
 from internevo.convert.internevo import InternEvoCheckpointError, find_checkpoint, read_checkpoint
 from internevo.models.base import ModelSpec
@@ -77,7 +80,7 @@ PARTS = ("model", "optimizer", "scheduler", "sampler", "train_state", "rng")
 _CONTENT = {"model": ("model",), "optimizer": ("optimizer",), "scheduler": ("scheduler",),
             "sampler": ("sampler",), "all": PARTS}
 _CKPT_TYPES = {"internevo": "internevo", "internlm": "internevo", "hf": "hf", "hf_llama": "hf"}
-_LOAD_INFO_KEYS = ("path", "content", "ckpt_type")
+_LOAD_INFO_KEYS = ("path", "content", "ckpt_type", "strict")
 
 
 @dataclass(frozen=True)
@@ -92,6 +95,8 @@ class LoadRequest:
     """``internevo`` (our DCP folders) or ``hf`` (a Hugging Face folder)."""
     source: str = "ckpt.load_ckpt_info"
     """Where the request came from (named in errors)."""
+    strict: bool = True
+    """Refuse a checkpoint with tensors this model does not have (False: leave them out)."""
 
 
 # ------------------------------------------------------------------------------ load requests
@@ -134,7 +139,10 @@ def parse_load_info(info: Any, key: str = "ckpt.load_ckpt_info") -> LoadRequest:
     if ckpt_type == "hf" and parts != {"model"}:
         raise CheckpointError(f"{key}.content: a Hugging Face folder holds model weights only; "
                               f"use content=('model',), got {info.get('content')!r}")
-    return LoadRequest(local_path(info["path"], f"{key}.path"), parts, ckpt_type, key)
+    strict = info.get("strict", True)
+    if not isinstance(strict, bool):
+        raise CheckpointError(f"{key}.strict: expected True or False, got {strict!r}")
+    return LoadRequest(local_path(info["path"], f"{key}.path"), parts, ckpt_type, key, strict)
 
 
 def _copy_full(target: torch.Tensor, source: torch.Tensor) -> None:
@@ -165,6 +173,9 @@ def copy_full_state(model: nn.Module, state: dict[str, torch.Tensor], where: str
     extra = sorted(set(state) - set(current))
     if extra:
         raise CheckpointError(f"{where}: tensors not in this model: {extra[:5]}")
+    bad = non_finite({"model": state}, where)
+    if bad:
+        raise CheckpointError(bad)
     with torch.no_grad():
         for name, target in current.items():
             _copy_full(target, state[name])
@@ -347,6 +358,26 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def non_finite(tree: dict, where: str, prefix: str = "") -> str:
+    """The error line for the first tensor of a nested dict (DCP key order) holding NaN or
+    infinite values (this rank's shard of a DTensor), or ``""``."""
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            found = non_finite(value, where, name + ".")
+        elif isinstance(value, torch.Tensor) and value.is_floating_point():
+            local = value.to_local() if isinstance(value, DTensor) else value
+            bad = int((~torch.isfinite(local)).sum())
+            found = (f"{where}: tensor {name!r} holds {bad} non-finite values (NaN or inf) of "
+                     f"{local.numel()}; training cannot start from it: load an earlier "
+                     "checkpoint") if bad else ""
+        else:
+            found = ""
+        if found:
+            return found
+    return ""
+
+
 def _reason(err: BaseException) -> str:
     """The last line of an error (DCP's CheckpointException carries every rank's traceback)."""
     lines = [ln.strip() for ln in str(err).splitlines() if ln.strip()]
@@ -405,9 +436,12 @@ class CheckpointManager:
         self._saved_batch = self._saved_step = -1  # what the newest checkpoint of this run holds
         self._seen_step = 0  # step_count at the previous after_step: cadence counts updates only
         self._bad_stop_text: Optional[str] = None
+        self._passed_stop = 0  # the passed stop-file step warned about
+        self._saved_path: Optional[Path] = None  # where the newest save went (rank 0 knows)
         if ck.enable_save_ckpt and self.save_folder is None and self.layout.is_log_rank:
             log.warning("ckpt.enable_save_ckpt is True but ckpt.save_ckpt_folder is not set: "
                         "no checkpoints will be written")
+        self.lock: Optional[FolderLock] = self._own_folder() if self.saving else None
         if self.layout.rank == 0:
             self._reset_stop_file()
             self._remove_stale()
@@ -424,12 +458,37 @@ class CheckpointManager:
                                "internevo", "ckpt.load_ckpt_folder")
         return None
 
+    def _own_folder(self) -> Optional[FolderLock]:
+        """Rank 0 takes the save folder's lock (before anything in it is touched); every rank
+        hears whether that worked."""
+        error, lock = "", None
+        if self.layout.rank == 0:
+            try:
+                lock = FolderLock.acquire(self.save_folder, self.cfg.JOB_NAME)
+            except CheckpointError as err:
+                error = str(err)
+        self._agree(error, "the save folder's lock")
+        return lock
+
+    def _agree(self, error: str, what: str) -> None:
+        """Raise on every rank when any rank has an ``error`` (the lowest such rank's own line
+        names the problem; the others name that rank)."""
+        if self.layout.world_size > 1:
+            world = self.layout.world_size
+            first = torch.tensor([self.layout.rank if error else world], dtype=torch.int64,
+                                 device=self.device)
+            self.comm.all_reduce(first, "world", op="min")
+            if not error and first.item() < world:
+                error = f"rank {first.item()} refused {what} (its error line says why)"
+        if error:
+            raise CheckpointError(error)
+
     def _checkpoint_group(self) -> Any:
         """A gloo group of all ranks for DCP: asynchronous saves run collectives in a thread,
         which must not share a communicator with the training collectives of the main thread."""
         if self.layout.world_size > 1 and dist.is_initialized():
             fake = "fake" in str(dist.get_backend())  # the dry run's process group
-            return dist.new_group(backend=None if fake else "gloo")
+            return dist.new_group(backend=None if fake else "gloo", timeout=self.layout.timeout)
         return None
 
     def _dcp_kwargs(self) -> dict:
@@ -442,7 +501,8 @@ class CheckpointManager:
             self.stop_file.write_text("0")
 
     def _remove_stale(self) -> None:
-        """Half-written (``.tmp-``) and half-deleted (``.trash-``) folders of an earlier run."""
+        """Half-written (``.tmp-``) and half-deleted (``.trash-``) folders of an earlier run:
+        this run holds the folder's lock, so whoever wrote them has exited."""
         if not self.saving or not self.save_folder.is_dir():
             return
         for child in self.save_folder.iterdir():
@@ -477,15 +537,15 @@ class CheckpointManager:
         """Rank 0 picks the newest complete checkpoint and tells the others (one decision).
         A complete InternEvo checkpoint in the save folder counts too (an InternEvo run's
         ``save_ckpt_folder`` continues here)."""
-        latest = None
+        key = (-1, 0)
         if self.layout.rank == 0:
             found = [p for p in (latest_checkpoint(self.save_folder),
                                  find_checkpoint(self.save_folder, complete_only=True)) if p]
-            latest = max(found, key=lambda p: int(p.name)) if found else None
-        step = torch.tensor([int(latest.name) if latest else -1], dtype=torch.int64,
-                            device=self.device)
-        self.comm.broadcast(step, "world")
-        return None if step.item() < 0 else self.save_folder / str(step.item())
+            key = max((checkpoint_step(p.name) for p in found), default=key)
+        found = torch.tensor(key, dtype=torch.int64, device=self.device)
+        self.comm.broadcast(found, "world")
+        step, k = found.tolist()
+        return None if step < 0 else self.save_folder / (f"{step}.{k}" if k else str(step))
 
     def load(self, request: LoadRequest) -> None:
         """Load ``request.parts`` into the run's parts (errors name the file, tensor or key)."""
@@ -498,8 +558,8 @@ class CheckpointManager:
             request = self._load_internevo(request)
         else:
             folder = self._checkpoint_folder(request)
-            meta = verify_checkpoint(folder, request.parts)
-            self._load_tensors(folder, meta, request.parts)
+            meta = self._verify(folder, request.parts)
+            self._load_tensors(folder, meta, request)
             if meta is not None:
                 self._load_extras(folder, meta, request.parts)
             request = LoadRequest(folder, request.parts, request.ckpt_type, request.source)
@@ -511,6 +571,16 @@ class CheckpointManager:
                   f"({request.source}) in {time.perf_counter() - start:.1f}s: step "
                   f"{st.step_count}, batch {st.batch_count}")
 
+    def _verify(self, folder: Path, parts: frozenset) -> Optional[dict]:
+        """:func:`verify_checkpoint` with the checksum reading split over the ranks."""
+        meta, error = None, ""
+        try:
+            meta = verify_checkpoint(folder, parts, (self.layout.rank, self.layout.world_size))
+        except CheckpointError as err:
+            error = str(err)
+        self._agree(error, f"the checkpoint {folder}")
+        return meta
+
     def _checkpoint_folder(self, request: LoadRequest) -> Path:
         """The folder itself, or the newest checkpoint when it is a run's save folder."""
         path = request.path
@@ -520,9 +590,11 @@ class CheckpointManager:
                 return latest
         return path
 
-    def _load_tensors(self, folder: Path, meta: Optional[dict], parts: frozenset) -> None:
+    def _load_tensors(self, folder: Path, meta: Optional[dict], request: LoadRequest) -> None:
         """Model weights and optimizer tensors through DCP (resharded to this layout); ``meta``
-        (None for a model-only folder) holds the optimizer's scalars."""
+        (None for a model-only folder) holds the optimizer's scalars.  Tensors the model lacks
+        are refused unless ``request.strict`` is False; non-finite values are refused."""
+        parts = request.parts
         state: dict[str, Any] = {}
         opt_plain: dict = {}
         optimizer = self.parts["optimizer"]
@@ -534,13 +606,16 @@ class CheckpointManager:
             return
         saved = saved_shapes(folder)
         disk, copies = checkpoint_layout(state, self.spec, saved)  # views: loading fills ``state``
-        check_tensors(folder, flat_shapes(disk), asdict(self.cfg.model), saved)
+        expected = flat_shapes(disk)
+        check_tensors(folder, expected, asdict(self.cfg.model), saved)
+        self._check_extra(folder, request, set(saved) - set(expected))
         try:
             dcp.load(disk, storage_reader=dcp.FileSystemReader(str(folder)), **self._dcp_kwargs())
         except (Exception, dcp.CheckpointException) as err:
             raise CheckpointError(f"{folder}: reading the checkpoint failed: "
                                   f"{_reason(err)}") from err
         copy_back(copies)
+        self._agree(non_finite(disk, str(folder)), f"the checkpoint {folder}")
         if "optimizer" in parts:
             plain = merge_tree(opt_plain, meta_field(meta, "optimizer", folder))
             optimizer.load_state_dict(merge_tree(state["optimizer"], plain))
@@ -548,6 +623,22 @@ class CheckpointManager:
                 optimizer.after_update()  # the masters are the truth: weights follow them
         else:
             optimizer.refresh_masters_from_params()
+
+    def _check_extra(self, folder: Path, request: LoadRequest, extra: set[str]) -> None:
+        """Tensors of the loaded parts that this model does not have: refused (strict), else
+        named in a warning and left out."""
+        prefixes = tuple(f"{p}." for p in ("model", "optimizer") if p in request.parts)
+        extra = sorted(k for k in extra if k.startswith(prefixes))
+        if not extra:
+            return
+        names = f"{len(extra)} tensors, e.g. {', '.join(repr(k) for k in extra[:3])}"
+        if request.strict:
+            raise CheckpointError(f"{folder}: holds tensors this model does not have ({names})"
+                                  f"{config_hint(folder, asdict(self.cfg.model))}; fix the "
+                                  f"model config, or set {request.source}.strict=False to leave "
+                                  "them out")
+        log.warning("%s: leaving out tensors this model does not have (%s; strict=False)",
+                    folder, names)
 
     def _load_extras(self, folder: Path, meta: dict, parts: frozenset) -> None:
         if "scheduler" in parts:
@@ -602,10 +693,29 @@ class CheckpointManager:
         updated, self._seen_step = st.step_count != self._seen_step, st.step_count
         if self.saving and self._save_due(action, updated):
             self.save()
+        self._warn_passed_stop_step(action)
         stop = action > 0 and action == st.step_count
         if stop:
             self._say(f"stop file {self.stop_file} asked to stop at step {action}")
         return stop
+
+    def _warn_passed_stop_step(self, action: int) -> None:
+        """A stop file naming a step this run has already passed is ignored: say so once."""
+        step = self.state.step_count
+        if action and abs(action) < step and action != self._passed_stop and self.layout.rank == 0:
+            log.warning("stop file %s names step %d, which this run passed already (now at "
+                        "step %d): ignored; write a later step", self.stop_file, abs(action), step)
+            self._passed_stop = action
+
+    def save_now(self) -> Optional[Path]:
+        """Save the current state unless it is saved already, and wait for it (a stop on a
+        signal); the checkpoint folder, or None when saving is not configured."""
+        if not self.saving:
+            return None
+        if self.state.batch_count != self._saved_batch:
+            self.save()
+        self.wait()
+        return self._saved_path or self.save_folder / str(self._saved_step)
 
     def _save_due(self, action: int, updated: bool) -> bool:
         """checkpoint_every (successful updates only), the last batch, or the stop file's step;
@@ -709,10 +819,10 @@ class CheckpointManager:
 
     def _complete(self, tmp: Path, step: int) -> None:
         """Rank 0 marks the checkpoint complete and prunes; every rank learns whether it worked."""
-        error = ""
+        error, final = "", self.save_folder / str(step)
         if self.layout.rank == 0:
             try:
-                finalize(tmp, self.save_folder, step)
+                final = finalize(tmp, self.save_folder, step)
             except Exception as err:  # other ranks must hear of it, not hang in the broadcast
                 error = f"{type(err).__name__}: {err}"
         if self._pg is not None:
@@ -722,7 +832,9 @@ class CheckpointManager:
         if error:
             raise CheckpointError(f"completing checkpoint {tmp} failed: {error}; earlier "
                                   "checkpoints are untouched")
-        self._say(f"saved step {step} to {self.save_folder / str(step)}")
+        taken = "" if final.name == str(step) else f" ({step} exists: never replaced)"
+        self._say(f"saved step {step} to {final}{taken}")
+        self._saved_path = final
         if self.layout.rank == 0:
             self._prune(step)
 
@@ -753,3 +865,9 @@ class CheckpointManager:
             self.save()  # the last batches were skipped, so after_step never saw the end
         self.wait()
         self.comm.barrier()
+
+    def release(self) -> None:
+        """Give the save folder's lock back (the run is over, or failed)."""
+        if self.lock is not None:
+            self.lock.release()
+            self.lock = None

@@ -15,6 +15,7 @@ import torch
 from torch import Tensor
 
 from internevo.convert.hf_config import HFConversionError
+from internevo.errors import last_line
 
 INDEX_FILE = "model.safetensors.index.json"
 
@@ -55,9 +56,16 @@ def read_safetensors(folder: Union[str, Path]) -> dict[str, Tensor]:
     folder = Path(folder)
     out: dict[str, Tensor] = {}
     for f in _safetensors_files(folder):
-        with safe_open(str(f), framework="pt") as reader:
-            for key in reader.keys():
-                out[key] = reader.get_tensor(key)
+        try:
+            with safe_open(str(f), framework="pt") as reader:
+                for key in reader.keys():
+                    out[key] = reader.get_tensor(key)
+        except Exception as err:  # SafetensorError (not importable by name) or an OSError
+            if isinstance(err, HFConversionError):
+                raise
+            raise HFConversionError(f"{f}: unreadable safetensors file ({last_line(str(err))}); "
+                                    "it is truncated or damaged: export or download it again"
+                                    ) from err
     index = folder / INDEX_FILE
     if index.is_file():
         for key, name in read_json(index)["weight_map"].items():

@@ -74,6 +74,9 @@ def _json_records(path: Path) -> list:
         data = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as err:
         raise DataError(f"{path}:{err.lineno}: malformed JSON ({err.msg})") from err
+    except UnicodeDecodeError as err:
+        raise DataError(f"{path}: byte {err.start} is not UTF-8 ({err.reason}); re-encode the "
+                        "file as UTF-8") from None
     return data if isinstance(data, list) else [data]
 
 
@@ -88,10 +91,18 @@ def read_records(path: Path) -> Iterator[tuple[str, object, int]]:
             if not raw.strip():
                 continue
             try:
-                rec = json.loads(raw)
+                rec = json.loads(_utf8(raw, f"{path}:{lineno}"))
             except json.JSONDecodeError as err:
                 raise DataError(f"{path}:{lineno}: malformed JSON line ({err.msg})") from err
             yield f"{path}:{lineno}", rec, len(raw)
+
+
+def _utf8(raw: bytes, where: str) -> str:
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise DataError(f"{where}: byte {err.start} is not UTF-8 ({err.reason}); re-encode the "
+                        "file as UTF-8") from None
 
 
 def read_texts(path: Path, text_key: str) -> Iterator[tuple[str, int]]:
@@ -99,8 +110,8 @@ def read_texts(path: Path, text_key: str) -> Iterator[tuple[str, int]]:
     = the ``text_key`` field of each record."""
     if path.suffix == ".txt":
         with open(path, "rb") as fh:
-            for raw in fh:
-                yield raw.decode("utf-8").strip(), len(raw)
+            for lineno, raw in enumerate(fh, 1):
+                yield _utf8(raw, f"{path}:{lineno}").strip(), len(raw)
         return
     for where, rec, nbytes in read_records(path):
         yield _field(rec, text_key, where), nbytes

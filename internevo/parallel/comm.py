@@ -21,6 +21,7 @@ from typing import Any, Optional, Union
 import torch
 import torch.distributed as dist
 
+from internevo.errors import PeerError, is_peer_loss, peer_loss_reason
 from internevo.parallel.layout import ParallelLayout
 
 _OPS = {
@@ -60,11 +61,15 @@ def wire_bytes(kind: str, payload: int, group_size: int) -> float:
 class Comm:
     """Counting front-end for torch.distributed collectives over the layout's named groups."""
 
-    def __init__(self, layout: ParallelLayout, device: Optional[torch.device] = None):
+    def __init__(self, layout: ParallelLayout, device: Optional[torch.device] = None,
+                 liveness: Any = None):
         self.layout = layout
         self.device = device
         """Where every communicated tensor must live (None: unchecked); NCCL rejects CPU tensors,
         so a buffer left on the CPU fails here with its collective and group named."""
+        self.liveness = liveness
+        """:class:`~internevo.parallel.liveness.Liveness` naming the silent ranks of a failed
+        collective (None: the error names the group's members)."""
         self.calls: dict[tuple[str, str], int] = defaultdict(int)
         self.bytes: dict[tuple[str, str], int] = defaultdict(int)
 
@@ -129,7 +134,8 @@ class Comm:
         if pg is None:
             return None
         self._record("all_reduce", group, tensor)
-        return dist.all_reduce(tensor, op=_op(op), group=pg, async_op=async_op)
+        return self._guard("all_reduce", group, async_op,
+                           lambda: dist.all_reduce(tensor, op=_op(op), group=pg, async_op=async_op))
 
     def reduce_scatter(self, output: torch.Tensor, input: torch.Tensor, group: str,
                        op: Op = "sum", async_op: bool = False,
@@ -143,7 +149,9 @@ class Comm:
             output.copy_(input)
             return None
         self._record("reduce_scatter", group, input)
-        return dist.reduce_scatter_single(output, input, op=_op(op), group=pg, async_op=async_op)
+        return self._guard("reduce_scatter", group, async_op and process_group is None,
+                           lambda: dist.reduce_scatter_single(output, input, op=_op(op), group=pg,
+                                                              async_op=async_op))
 
     def all_gather(self, output: torch.Tensor, input: torch.Tensor, group: str,
                    async_op: bool = False, process_group: Any = None) -> Optional[dist.Work]:
@@ -153,7 +161,9 @@ class Comm:
             output.copy_(input)
             return None
         self._record("all_gather", group, output)
-        return dist.all_gather_single(output, input, group=pg, async_op=async_op)
+        return self._guard("all_gather", group, async_op and process_group is None,
+                           lambda: dist.all_gather_single(output, input, group=pg,
+                                                          async_op=async_op))
 
     def broadcast(self, tensor: torch.Tensor, group: str, src_in_group: int = 0) -> None:
         """Broadcast ``tensor`` from the group's ``src_in_group``-th member."""
@@ -161,7 +171,8 @@ class Comm:
         if pg is None:
             return
         self._record("broadcast", group, tensor)
-        dist.broadcast(tensor, src=self.layout.ranks(group)[src_in_group], group=pg)
+        src = self.layout.ranks(group)[src_in_group]
+        self._guard("broadcast", group, False, lambda: dist.broadcast(tensor, src=src, group=pg))
 
     def all_to_all(self, output: torch.Tensor, input: torch.Tensor, group: str) -> None:
         """Equal-split all-to-all along dim 0."""
@@ -170,7 +181,8 @@ class Comm:
             output.copy_(input)
             return
         self._record("all_to_all", group, input)
-        dist.all_to_all_single(output, input, group=pg)
+        self._guard("all_to_all", group, False,
+                    lambda: dist.all_to_all_single(output, input, group=pg))
 
     def send(self, tensor: torch.Tensor, group: str, peer_in_group: int,
              process_group: Any = None) -> Optional[dist.Work]:
@@ -195,4 +207,45 @@ class Comm:
     def barrier(self) -> None:
         """Barrier over the world (not counted: no payload)."""
         if self._group("world") is not None:
-            dist.barrier()
+            self._guard("barrier", "world", False, dist.barrier)
+
+    # ---------------------------------------------------------------------- lost peers
+    def _guard(self, kind: str, group: str, watch: bool, fn: Any) -> Any:
+        """Run the collective ``fn``; a lost peer becomes a :class:`PeerError` naming the
+        collective, the group and the silent ranks (``watch``: also when waiting on its Work)."""
+        try:
+            work = fn()
+        except RuntimeError as err:
+            if not is_peer_loss(err):
+                raise
+            raise self.peer_error(kind, group, err) from err
+        return _WatchedWork(work, self, kind, group) if watch and work is not None else work
+
+    def peer_error(self, kind: str, group: str, err: RuntimeError) -> PeerError:
+        """A lost peer (``err``) as one line: this rank, the collective, the group, the ranks
+        that stopped answering."""
+        members = self.layout.ranks(group)
+        who = (self.liveness.silent(members) if self.liveness is not None
+               else f"one of ranks {members} stopped answering")
+        return PeerError(f"rank {self.layout.rank}: {kind} on group '{group}' (ranks "
+                         f"{members}) {peer_loss_reason(err)}: {who}")
+
+
+class _WatchedWork:
+    """An asynchronous collective's Work whose ``wait`` turns a lost peer into a PeerError."""
+
+    def __init__(self, work: Any, comm: Comm, kind: str, group: str):
+        self.work, self.comm, self.kind, self.group = work, comm, kind, group
+
+    def wait(self, *args: Any) -> Any:
+        """Wait for the collective (a lost peer: :class:`PeerError`)."""
+        try:
+            return self.work.wait(*args)
+        except RuntimeError as err:
+            if not is_peer_loss(err):
+                raise
+            raise self.comm.peer_error(self.kind, self.group, err) from err
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.work, name)
+

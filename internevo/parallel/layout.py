@@ -24,6 +24,7 @@ the layout's groups of that name.
 
 from __future__ import annotations
 
+import datetime
 import itertools
 from dataclasses import dataclass, field
 from typing import Any, Optional
@@ -59,6 +60,8 @@ class ParallelLayout:
     """Weight-parallel degree (isp only)."""
     fsdp: bool = False
     """Parameters and gradients sharded with FSDP2 over the zero1 group."""
+    timeout_s: Optional[float] = None
+    """Collective timeout of every group this layout creates (seconds; None = PyTorch's)."""
     groups: dict[str, Any] = field(default_factory=dict, repr=False)
     """Process groups by name (only those of more than one rank, filled by ``build_groups``)."""
     _mesh: Any = field(default=None, repr=False)
@@ -162,20 +165,29 @@ class ParallelLayout:
         return cls(world_size=world_size, rank=rank, tensor=tp, pipeline=pp, zero1=zo,
                    tensor_mode=p.tensor.mode, fsdp=p.zero1.fsdp, weight=p.weight.size)
 
-    def build_groups(self) -> ParallelLayout:
-        """Create the process groups (every rank creates every group, in the same order)."""
+    def build_groups(self, timeout_s: Optional[float] = None) -> ParallelLayout:
+        """Create the process groups (every rank creates every group, in the same order), each
+        with the collective timeout ``timeout_s`` (``--timeout``; kept for later groups)."""
         import torch.distributed as dist
 
+        if timeout_s is not None:
+            self.timeout_s = timeout_s
         for name in GROUP_NAMES:
             if name.startswith("weight") and not self.isp:
                 continue
             for members in enumerate_groups(self, name):
                 if len(members) == 1:
                     continue
-                group = dist.group.WORLD if name == "world" else dist.new_group(members)
+                group = (dist.group.WORLD if name == "world"
+                         else dist.new_group(members, timeout=self.timeout))
                 if self.rank in members:
                     self.groups[name] = group
         return self
+
+    @property
+    def timeout(self) -> Optional[datetime.timedelta]:
+        """:attr:`timeout_s` as the timedelta ``new_group`` takes (None: PyTorch's default)."""
+        return None if self.timeout_s is None else datetime.timedelta(seconds=self.timeout_s)
 
     def device_mesh(self, device_type: str = "cpu") -> Any:
         """The rank grid as a DeviceMesh with dims :data:`MESH_DIMS` (built once, collectively).

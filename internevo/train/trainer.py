@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import signal
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -12,6 +13,7 @@ import torch
 
 from internevo.config import TrainConfig
 from internevo.data.errors import DataError
+from internevo.errors import Interrupted
 from internevo.models.build import model_dtype
 from internevo.models.common import NormHead
 from internevo.models.loss import fused_lm_loss, token_stats
@@ -28,6 +30,7 @@ from internevo.parallel.pipeline import (
 from internevo.parallel.scaler import LossScaler
 from internevo.profiling.report import eta_text, write_report
 from internevo.train.diag import StepDiagnostics
+from internevo.train.interrupt import StopSignals
 from internevo.train.metrics import MetricsWriter, device_peak_flops, step_flops
 from internevo.train.schedules import Schedules
 
@@ -67,7 +70,8 @@ class Trainer:
     """Owns the model, optimizer, schedules, data and metrics of one run on one rank."""
 
     def __init__(self, cfg: TrainConfig, layout: ParallelLayout, comm: Comm,
-                 device: torch.device, run_dir: Path, seed: int = 1024):
+                 device: torch.device, run_dir: Path, seed: int = 1024,
+                 signals: Optional[StopSignals] = None):
         from internevo.checkpoint.manager import CheckpointManager
         from internevo.data.loader import build_train_loader, build_valid_loaders
         from internevo.data.sampler import parse_skip_batches
@@ -75,6 +79,8 @@ class Trainer:
 
         self.cfg, self.layout, self.comm, self.device = cfg, layout, comm, device
         self.run_dir, self.seed = Path(run_dir), seed
+        self.signals = signals
+        """SIGTERM / SIGINT stop request, looked at between steps (None: not watched)."""
         self.model = parallelize(cfg, layout, comm, device, seed)
         self.scaler = LossScaler.from_config(cfg)
         self.optimizer = build_optimizer(self.model, cfg, layout, comm, self.scaler)
@@ -283,11 +289,24 @@ class Trainer:
 
     # ----------------------------------------------------------------------------- the loop
     def fit(self) -> list[dict]:
-        """Train until ``data.total_steps`` batches are consumed or the stop file says so."""
-        self.ckpt.maybe_resume()
+        """Train until ``data.total_steps`` batches are consumed or the stop file says so; the
+        save folder's lock is given back however the run ends."""
+        try:
+            self.ckpt.maybe_resume()
+            self.run_steps()
+            self.ckpt.finish()
+            self.writer.close()
+            if self.cfg.monitor.plot and self.layout.is_log_rank:
+                write_report(self.run_dir)
+        finally:
+            self.ckpt.release()
+        return self.history
+
+    def run_steps(self) -> None:
+        """The loop: a step per batch (skipped batches consumed), validation, checkpoints."""
         batches = iter(self.loader)
-        total = self.cfg.data.total_steps
-        while self.state.batch_count < total:
+        while self.state.batch_count < self.cfg.data.total_steps:
+            self.stop_if_signalled()
             batch = next(batches)
             if self.state.batch_count in self.skip_batches:
                 self.state.batch_count += 1
@@ -302,11 +321,25 @@ class Trainer:
                 self.validate()
             if self.ckpt.after_step():
                 break
-        self.ckpt.finish()
+
+    def stop_if_signalled(self) -> None:
+        """When any rank got SIGTERM / SIGINT: save (if configured) and raise
+        :class:`~internevo.errors.Interrupted`; all ranks decide together."""
+        if self.signals is None:
+            return
+        flag = torch.tensor([self.signals.received or 0], dtype=torch.int64, device=self.device)
+        self.comm.all_reduce(flag, "world", op="max")
+        signum = int(flag.item())
+        if not signum:
+            return
+        st = self.state
+        saved = self.ckpt.save_now()
         self.writer.close()
-        if self.cfg.monitor.plot and self.layout.is_log_rank:
-            write_report(self.run_dir)
-        return self.history
+        where = (f"saved step {st.step_count} to {saved}" if saved is not None else
+                 "no checkpoint saved (ckpt.enable_save_ckpt and ckpt.save_ckpt_folder are not "
+                 "both set); progress since the last checkpoint is lost")
+        raise Interrupted(f"{signal.Signals(signum).name} after step {st.step_count} (batch "
+                          f"{st.batch_count}/{self.cfg.data.total_steps}): {where}", signum)
 
     def should_validate(self) -> bool:
         """Validation every ``data.valid_every`` successful steps."""

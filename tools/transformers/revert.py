@@ -10,7 +10,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # run from a checkout, uninstalled
 
-from internevo.cli import convert_main  # noqa: E402
+from internevo.entry import main  # noqa: E402
 
 if __name__ == "__main__":
-    sys.exit(convert_main(["from-hf", *sys.argv[1:]]))
+    sys.exit(main(prefix=["convert", "from-hf"]))
