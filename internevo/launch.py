@@ -51,10 +51,10 @@ class LaunchInfo:
     """Port of the rendezvous store."""
 
 
-class LaunchError(ProjectError, RuntimeError):
+class LaunchError(InternEvoError, RuntimeError):
     """The launcher's environment is incomplete or inconsistent."""
 
-    label = "launch error"
+    kind = "launch error"
 
 
 # ------------------------------------------------------------------------------------------

@@ -38,10 +38,15 @@ def tree_hash(root: Path) -> dict[str, str]:
             for p in sorted(root.rglob("*")) if p.is_file()}
 
 
+KINDS = ("config error", "data error", "checkpoint error", "conversion error", "launch error",
+         "peer lost", "interrupted", "OS error", "write failed", "safetensors error", "error")
+"""What an error line starts with (``<kind>: <message>``, internevo/errors.py)."""
+
+
 def error_line(rc: int, err: str, code: int, *needles: str) -> str:
-    """Check the one-line contract: exit ``code``, exactly one ``internevo:`` line on stderr
+    """Check the one-line contract: exit ``code``, exactly one ``<kind>: ...`` line on stderr
     holding every needle, no traceback; returns the line."""
-    lines = [ln for ln in err.splitlines() if ln.startswith("internevo:")]
+    lines = [ln for ln in err.splitlines() if ln.split(":")[0] in KINDS]
     assert rc == code, (rc, err[-2000:])
     assert "Traceback" not in err, err[-3000:]
     assert len(lines) == 1, err[-2000:]

@@ -162,7 +162,7 @@ def test_debug_adds_the_traceback(capsys, tmp_path, untouched):
                    str(tmp_path / "r"), "--set", "data.num_worker=-1", "--debug"])
     err = capsys.readouterr().err
     assert rc == 2 and "Traceback" in err and err.rstrip().splitlines()[-1].startswith(
-        "internevo: config error")
+        "config error: ")
 
 
 # -------------------------------------------------------------------------------------- data

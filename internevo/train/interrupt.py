@@ -41,7 +41,7 @@ class StopSignals:
     def _handle(self, signum: int, frame: Any) -> None:
         name = signal.Signals(signum).name
         if self.received is not None:  # the second one: no clean-up, leave now
-            os.write(2, f"internevo: interrupted: second {name}: exiting at once, without "
+            os.write(2, f"interrupted: second {name}: exiting at once, without "
                         "saving\n".encode())
             os._exit(128 + signum)
         self.received = signum
