@@ -25,6 +25,7 @@ LAYERS = {
     "internevo.convert": 3,
     "internevo.cli": 4,
     "internevo.demo": 4,
+    "internevo.entry": 5,
 }
 """Layer of each top-level module or package (a module may import its own layer or lower)."""
 
