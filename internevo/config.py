@@ -272,7 +272,8 @@ class CkptConfig:
     checkpoint_every: Optional[int] = None
     """Save every N successful steps and at the last step (None = only at the last step)."""
     load_ckpt_info: Optional[dict] = None
-    """``dict(path=..., content=("model",) | ("all",) ..., ckpt_type="internevo" | "hf")``."""
+    """``dict(path=..., content=("model",) | ("all",) ..., ckpt_type="internevo" | "hf",
+    strict=True)``; ``strict=False`` leaves out checkpoint tensors the model does not have."""
     load_ckpt_folder: Optional[str] = None
     """Legacy: a checkpoint to load everything from when ``load_ckpt_info`` is absent."""
     auto_resume: bool = True
