@@ -29,6 +29,7 @@ import torch
 import torch.distributed as dist
 
 from internevo.config import TrainConfig
+from internevo.errors import InternEvoError
 
 DEFAULT_PORT = 8888
 TORCHRUN_VARS = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
