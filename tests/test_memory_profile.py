@@ -45,6 +45,7 @@ MODES = {
     "dp2": (dict(zero1=1), {}),
     "tp2_mtp": (dict(tensor=dict(size=2, mode="mtp")), {}),
     "dp2_zero1_overlap": (dict(zero1=2), dict(overlap_sync_grad=True, reduce_bucket_size=3000)),
+    "pp2": (dict(pipeline=dict(size=2)), {}),
 }
 PLANNED = ("dp2_zero1", "tp2_msp", "dp2", "tp2_mtp", "dp2_zero1_overlap")
 """Layouts (with the single process) whose planned peak is checked against the profiler; FSDP is
@@ -284,3 +285,16 @@ def test_planner_predicts_profiled_peak_and_counted_comm(single, two_ranks):
         rows.append((name, predicted, peak, m["comm"] == counted))
     print("\n".join(f"{n}: planned {p} measured {q} comm equal {e}" for n, p, q, e in rows))
     assert all(abs(p - q) <= 0.1 * q and e for _, p, q, e in rows), rows
+
+
+def test_pipeline_stages_hold_their_own_blocks(two_ranks):
+    """pp2: each stage's profile has its blocks' parameters only, and saved activations."""
+    shapes = full_shapes(make_cfg())
+    full = by_module({n: F32 * math.prod(s) for n, s in shapes.items()})
+    stages = [column(r["pp2"]["profile"], "params") for r in two_ranks]
+    for stage in stages:
+        assert all(stage[m] == full[m] for m in stage)
+    assert sorted(m for stage in stages for m in stage) == sorted(full)  # split, nothing twice
+    for r in two_ranks:
+        check_sums(r["pp2"]["profile"])
+        assert r["pp2"]["profile"]["total"]["activations_peak"] > 0

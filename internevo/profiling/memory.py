@@ -11,12 +11,13 @@ What is counted, per rank (every number is the bytes of real storages this rank 
   parameter it belongs to through the optimizer's bucket plan (bucket padding shows as the entry
   ``(zero1 padding)``); FSDP keeps one tensor per parameter shard.  AdamW's scalar ``step`` counters
   are left out;
-- ``activations_peak``: tensors saved for backward (``saved_tensors_hooks``), each storage counted
-  once, parameter and buffer storages excluded, attributed to the innermost module running when it
-  was saved (module forward pre/post hooks keep the stack; code outside every module, such as the
-  fused head + loss, goes to ``(no module)``).  The per-module numbers are those of the forward pass
-  that held the most saved bytes (the run's activation peak: nothing is freed before backward), so
-  they sum to the total.  Blocks under activation checkpointing hide their inner tensors behind
+- ``activations_peak``: tensors saved for backward (``saved_tensors_hooks`` around the whole
+  forward-backward of a step, pipeline schedules included), each storage counted once while it is
+  alive (weak references), parameter and buffer storages excluded, attributed to the innermost
+  module running when it was saved (module forward pre/post hooks keep the stack; code outside
+  every module, such as the fused head + loss, goes to ``(no module)``).  The per-module numbers
+  are each module's live bytes at the moment the total was largest, so they sum to the total.
+  Blocks under activation checkpointing hide their inner tensors behind
   ``torch.utils.checkpoint``'s own hooks: they show the (small) bytes saved around them.
 
 ``timeline``: after every phase of each profiled step (``forward`` / ``backward`` of each
@@ -123,18 +124,20 @@ def storage_totals(model: nn.Module, opt: Any) -> dict[str, int]:
 
 # ------------------------------------------------------------------------------- activations
 class ActivationTracker:
-    """Saved-for-backward bytes per module: the forward pass with the most, and the live total."""
+    """Saved-for-backward bytes per module while they are alive, and their split at the peak."""
 
     def __init__(self, model: nn.Module):
         self.names = {m: (f"{ROOT}.{n}" if n else ROOT) for n, m in model.named_modules()}
         self.stack: list[str] = []
         self.excluded: set[int] = set()
         """Storage addresses of parameters and buffers (not activations)."""
-        self.current: dict[str, int] = defaultdict(int)
-        self.seen: set[int] = set()
+        self.live: dict[int, list] = {}
+        """Storage address -> [live saved references, bytes, owning module]."""
+        self.by_module: dict[str, int] = defaultdict(int)
+        """Live saved bytes per module."""
+        self.total = 0
         self.peak: dict[str, int] = {}
-        self.live: dict[int, list[int]] = {}
-        """Storage address -> [live saved references, bytes]."""
+        """``by_module`` at the moment ``total`` was largest."""
         self.handles = [h for m in self.names for h in (
             m.register_forward_pre_hook(self._enter), m.register_forward_hook(self._leave))]
         self.hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, lambda t: t)
@@ -154,10 +157,13 @@ class ActivationTracker:
         key, size = _storage_key(t)
         if key == 0 or key in self.excluded:
             return t
-        if key not in self.seen:  # first save of this storage in this forward: its owner
-            self.seen.add(key)
-            self.current[self.stack[-1] if self.stack else NO_MODULE] += size
-        entry = self.live.setdefault(key, [0, size])
+        entry = self.live.get(key)
+        if entry is None:  # newly saved storage: owned by the innermost running module
+            entry = self.live[key] = [0, size, self.stack[-1] if self.stack else NO_MODULE]
+            self.by_module[entry[2]] += size
+            self.total += size
+            if self.total > sum(self.peak.values()):
+                self.peak = dict(self.by_module)
         entry[0] += 1
         weakref.finalize(t, self._release, key)
         return t
@@ -168,19 +174,12 @@ class ActivationTracker:
             entry[0] -= 1
             if entry[0] <= 0:
                 del self.live[key]
+                self.by_module[entry[2]] -= entry[1]
+                self.total -= entry[1]
 
     def live_bytes(self) -> int:
         """Bytes of saved tensors still referenced by some autograd graph."""
-        return sum(size for _, size in self.live.values())
-
-    def start_forward(self) -> None:
-        """A new forward pass (one micro-batch) begins."""
-        self.current, self.seen, self.stack = defaultdict(int), set(), []
-
-    def end_forward(self) -> None:
-        """Keep this forward's per-module bytes if it saved the most so far."""
-        if sum(self.current.values()) > sum(self.peak.values()):
-            self.peak = dict(self.current)
+        return self.total
 
     def close(self) -> None:
         """Remove the module hooks."""
@@ -216,7 +215,8 @@ class MemoryProfiler:
     def _wrap_phases(self) -> list[tuple[Any, str, Any]]:
         """Replace the trainer's phase methods by recording versions; returns how to undo it."""
         t = self.trainer
-        targets = [(t, "row_loss", self._forward), (self.opt, "start_micro_step", self._micro),
+        targets = [(t, "forward_backward", self._forward_backward), (t, "row_loss", self._forward),
+                   (self.opt, "start_micro_step", self._micro),
                    (self.opt, "step", self._optimizer), (t.ckpt, "after_step", self._ckpt),
                    (t.ckpt, "finish", self._finish)]
         restore = []
@@ -226,11 +226,12 @@ class MemoryProfiler:
             setattr(obj, name, functools.partial(wrapper, original))
         return restore
 
+    def _forward_backward(self, original: Callable, *args: Any) -> Any:
+        with self.acts.hooks:  # every forward of the step, pipeline stages included
+            return original(*args)
+
     def _forward(self, original: Callable, *args: Any) -> Any:
-        self.acts.start_forward()
-        with self.acts.hooks:
-            out = original(*args)
-        self.acts.end_forward()
+        out = original(*args)
         self.record(f"forward {self.micro}")
         return out
 
