@@ -3,7 +3,7 @@
 Two ``train.py`` ranks (tiny model, gloo, no torchrun) train until rank 0 prints its first step;
 then one rank is stopped or killed and the other's exit is timed (goal: ``--timeout`` + 5 s).
 
-    PYTHONPATH=. python benchmarks/bench_faults.py [--timeout 3] [--repeat 2]
+    PYTHONPATH=. python benchmarks/bench_faults.py [--timeout 5] [--repeat 2]
 """
 
 from __future__ import annotations
@@ -46,7 +46,7 @@ def one_trial(fault: str, victim: int, timeout: float, root: Path) -> tuple[floa
 def main() -> None:
     """Print one row per fault and victim: the survivor's exit times and its line."""
     ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--timeout", type=float, default=3.0, help="--timeout of the ranks")
+    ap.add_argument("--timeout", type=float, default=5.0, help="--timeout of the ranks")
     ap.add_argument("--repeat", type=int, default=2, help="trials per case")
     args = ap.parse_args()
     print(f"--timeout {args.timeout:g}; goal: every other rank exits within "

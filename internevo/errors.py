@@ -115,6 +115,9 @@ def describe(err: BaseException) -> tuple[str, int]:
     if "unexpected pos" in text or "file write failed" in text:
         return ("write failed: the file came out shorter than written, most likely no space "
                 f"left on the device ({last_line(text)})"), EXIT_FAILURE
+    if "clients joined" in text or name == "DistStoreError":
+        return (f"launch error: the rendezvous failed ({last_line(text)}): every rank must start "
+                "and reach MASTER_ADDR:MASTER_PORT within --timeout"), EXIT_FAILURE
     if is_peer_loss(err):
         return f"peer lost: a collective failed: {peer_loss_reason(err)}", EXIT_FAILURE
     if isinstance(err, UnicodeDecodeError):

@@ -23,7 +23,7 @@ from reliability_helpers import (
 
 from internevo.parallel.spawn import spawn_ranks
 
-TIMEOUT_S = 3.0
+TIMEOUT_S = 5.0
 """``--timeout`` of the peer-loss cases; every other rank must leave within it + 5 s."""
 LONG = "data.total_steps=100000"
 
@@ -124,3 +124,12 @@ def test_every_group_gets_the_timeout():
     for per_rank in spawn_ranks(_group_timeouts, 2, 7.0, timeout=120):
         assert set(per_rank) == {"data", "zero1", "later new_group()"}
         assert set(per_rank.values()) == {7.0}, per_rank
+
+
+def test_a_rank_that_never_starts_is_one_line(tmp_path):
+    """Rank 0 of 2 started alone: the rendezvous times out after --timeout with one line."""
+    config = write_config(tmp_path / "tiny.py")
+    proc = train_process(config, tmp_path / "r0", rank=0, world=2, port=free_port(), timeout=2)
+    out, err = proc.communicate(timeout=120)
+    error_line(proc.returncode, err, 1, "launch error: the rendezvous failed", "1/2",
+               "within --timeout")
