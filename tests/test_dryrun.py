@@ -86,10 +86,12 @@ def isolated(call: str) -> object:
 
 def all_results() -> dict:
     """Every dry run of this module, in one interpreter: each layout's last rank on the fake
-    accelerator, recomputation's saved-activation peaks, the run with a CPU bucket."""
+    accelerator, recomputation's saved-activation peaks, the long rows, the run with a CPU
+    bucket."""
     layouts = {name: dry_run(tiny(par, hz), world, rank=world - 1, device="cuda")
                for name, (world, par, hz) in LAYOUTS.items()}
-    return {"layouts": layouts, "recompute": recomputation_peaks(),
+    long_rows = long_row_reports()  # before cpu_buffer_error, which patches ZeRO for good
+    return {"layouts": layouts, "recompute": recomputation_peaks(), "long_rows": long_rows,
             "cpu_error": cpu_buffer_error()}
 
 
@@ -114,6 +116,28 @@ def recomputation_peaks() -> list[int]:
                     device="cuda")["bytes"]["activations_peak"] for ckpt in (False, True)]
 
 
+LONG = dict(hidden_size=64, num_attention_heads=4, num_kv_attention_heads=2, head_dim=16)
+"""One-layer model of the long-row runs (head_dim = hidden / heads)."""
+
+
+def long_row(seq_len: int, use_flash_attn: bool = True) -> object:
+    """A one-layer bf16 InternLM2 on one packed row of ``seq_len`` tokens."""
+    m = {k: v for k, v in LONG.items() if k != "head_dim"}
+    return config_from_dict(dict(
+        model_type="INTERNLM2_PUBLIC",
+        data=dict(seq_len=seq_len, micro_bsz=1, micro_num=1, total_steps=4, num_worker=0),
+        model=dict(num_layers=1, vocab_size=256, multiple_of=16, dtype="torch.bfloat16",
+                   use_flash_attn=use_flash_attn, **m),
+        hybrid_zero_optimizer=dict(clip_grad_norm=1.0), parallel=dict(zero1=1),
+        ckpt=dict(enable_save_ckpt=False), enable_tb=False))
+
+
+def long_row_reports() -> dict:
+    """Dry runs of rows of 2048 and 4096 tokens (flash kernel), and of 2048 with SDPA."""
+    runs = {"2048": long_row(2048), "4096": long_row(4096), "sdpa": long_row(2048, False)}
+    return {k: dry_run(cfg, 1, device="cuda") for k, cfg in runs.items()}
+
+
 @pytest.fixture(scope="module")
 def results() -> dict:
     return isolated("t.all_results()")
@@ -124,7 +148,7 @@ def test_every_layout_runs_on_the_fake_accelerator(name, results):
     world, parallel, hz = LAYOUTS[name]
     cfg = tiny(parallel, hz)
     report = results["layouts"][name]
-    assert set(report) == {"world", "rank", "layout", "bytes", "comm"}
+    assert set(report) == {"world", "rank", "layout", "attention", "bytes", "comm"}
     assert set(report["bytes"]) == set(BYTE_KEYS)
     got, want = report["bytes"], expected_bytes(cfg, world)
     if hz.get("overlap_sync_grad"):  # several buckets: fewer than zero1 padding elements each
@@ -169,3 +193,24 @@ def test_command_line_writes_the_report(tmp_path):
     assert report["layout"]["zero1"] == 4 and report["layout"]["tensor"] == 2
     assert set(report["bytes"]) == set(BYTE_KEYS)
     assert "optimizer_states" in out.stdout
+
+
+def flash_residual_bytes(s: int) -> int:
+    """What the varlen flash kernel saves for backward on a row of ``s`` tokens: q and k (after
+    RoPE), the qkv projection (v is a view of it), the output (bf16) and the fp32 logsumexp."""
+    hq, hkv, d = LONG["num_attention_heads"], LONG["num_kv_attention_heads"], LONG["head_dim"]
+    q, k, qkv, out = hq * d * 2, hkv * d * 2, (hq + 2 * hkv) * d * 2, hq * d * 2
+    return s * (q + k + qkv + out + hq * 4)
+
+
+def test_dry_run_attention_is_the_gpu_kernel(results):
+    """The stand-in accelerator picks the flash kernel a real GPU picks: saved activations grow
+    linearly with the row and hold the flash residuals but no [heads, S, S] score tensor (which
+    SDPA, the old choice, saves: its peak grows by more than that tensor)."""
+    runs = results["long_rows"]
+    assert runs["2048"]["attention"] == "torch_varlen" and runs["sdpa"]["attention"] == "sdpa"
+    peak = {k: r["bytes"]["activations_peak"] for k, r in runs.items()}
+    scores = LONG["num_attention_heads"] * 2048 * 2048 * 2  # one bf16 score tensor
+    assert flash_residual_bytes(2048) <= peak["2048"] < scores
+    assert abs(peak["4096"] - 2 * peak["2048"]) < flash_residual_bytes(2048) / 8
+    assert peak["sdpa"] > peak["2048"] + scores

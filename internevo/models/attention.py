@@ -3,7 +3,9 @@
 On CUDA the backend is chosen automatically (:func:`attention_backend`), in this order:
 PyTorch's own ``torch.nn.attention.varlen.varlen_attn`` (torch >= 2.10, no extra package),
 flash-attn's ``flash_attn_varlen_func`` when installed, SDPA per segment otherwise.  On CPU it is
-always SDPA per segment.
+always SDPA per segment.  A device type in :data:`ACCELERATOR_STAND_INS` (the dry run's fake
+accelerator on a CPU-only build) is treated as a capability-9.0 CUDA device, so the dry run
+records what a real GPU run saves for backward.
 
 Tensors are token-major (``[S, H, d]`` packed, ``[B, S, H, d]`` batched), the layout the QKV
 projection produces, so no transpose copies are needed before or after the kernel.  The number of
@@ -39,6 +41,9 @@ DESCRIPTIONS = {
     SDPA: "scaled_dot_product_attention per segment",
 }
 """What each backend name stands for (the start-up log line)."""
+ACCELERATOR_STAND_INS: set[str] = set()
+"""Device types that stand in for a capability-9.0 CUDA device (registered by the layer that
+creates them, e.g. the dry run's PrivateUse1 ``gpu``; this module never imports it)."""
 
 
 @dataclass(frozen=True, eq=False)  # eq would compare tensors; identity is what matters
@@ -108,9 +113,10 @@ def attention_backend(device: torch.device, use_flash: bool = True,
     """Packed-attention backend on ``device``: ``torch_varlen``, ``flash_attn`` or ``sdpa``.
 
     The varlen kernels need a CUDA device of compute capability 8.0 or newer; PyTorch's kernel
-    has no dropout, so attention dropout in training goes to flash-attn or SDPA.
+    has no dropout, so attention dropout in training goes to flash-attn or SDPA.  A stand-in
+    accelerator (:data:`ACCELERATOR_STAND_INS`) counts as capability 9.0.
     """
-    if not use_flash or device.type != "cuda" or _cuda_capability(device) < (8, 0):
+    if not use_flash or not _has_flash_kernels(device):
         return SDPA
     if _torch_varlen is not None and dropout_p == 0.0:
         return TORCH_VARLEN
@@ -120,6 +126,13 @@ def attention_backend(device: torch.device, use_flash: bool = True,
 def describe_backend(device: torch.device, use_flash: bool = True, dropout_p: float = 0.0) -> str:
     """One line naming the packed-attention backend on ``device`` (printed once at start)."""
     return f"attention: {DESCRIPTIONS[attention_backend(device, use_flash, dropout_p)]} on {device}"
+
+
+def _has_flash_kernels(device: torch.device) -> bool:
+    """A CUDA device of capability >= 8.0, or a stand-in for one (counted as capability 9.0)."""
+    if device.type in ACCELERATOR_STAND_INS:
+        return True
+    return device.type == "cuda" and _cuda_capability(device) >= (8, 0)
 
 
 def _cuda_capability(device: torch.device) -> tuple[int, int]:

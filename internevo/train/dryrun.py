@@ -51,6 +51,8 @@ from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_mod
 from torch.utils._pytree import tree_flatten, tree_map
 from torch.utils.weak import WeakIdKeyDictionary
 
+from internevo.models import attention
+
 STAND_IN = "gpu"
 """Name of the stand-in accelerator on CPU-only builds (PyTorch's PrivateUse1 backend)."""
 _SHADOW_LIMIT = 1 << 18
@@ -87,6 +89,7 @@ def dry_run_device(device: str) -> torch.device:
         from torch.utils.backend_registration import _setup_privateuseone_for_python_backend
 
         _setup_privateuseone_for_python_backend(STAND_IN, backend_module=_StandInModule())
+    attention.ACCELERATOR_STAND_INS.add(STAND_IN)  # pick the kernel a real GPU picks
     return torch.device(STAND_IN, 0)
 
 
@@ -447,6 +450,7 @@ class GradientBytes:
 
 
 def _report(trainer: Any, layout: Any, grads: int, peaks: dict, step_comm: dict) -> dict:
+    """The per-rank report; ``attention`` names the packed-attention backend the step used."""
     states = trainer.optimizer._state_tensors()
     sizes = {"tensor": layout.tensor, "data": layout.data, "pipeline": layout.pipeline,
              "zero1": layout.zero1, "fsdp": layout.fsdp, "tensor_mode": layout.tensor_mode}
@@ -454,8 +458,10 @@ def _report(trainer: Any, layout: Any, grads: int, peaks: dict, step_comm: dict)
         "params": storage_bytes(trainer.model.parameters()), "grads": grads,
         "master": storage_bytes(states["master"]),
         "optimizer_states": storage_bytes(states["exp_avg"] + states["exp_avg_sq"]), **peaks}
+    m = trainer.cfg.model
+    backend = attention.attention_backend(trainer.device, m.use_flash_attn, m.attn_drop_rate)
     return {"world": layout.world_size, "rank": layout.rank, "layout": sizes,
-            "bytes": sizes_bytes, "comm": step_comm}
+            "attention": backend, "bytes": sizes_bytes, "comm": step_comm}
 
 
 def format_report(report: dict) -> str:
@@ -465,7 +471,7 @@ def format_report(report: dict) -> str:
     lay = report["layout"]
     head = (f"dry run: world {report['world']} rank {report['rank']} | tensor {lay['tensor']} "
             f"({lay['tensor_mode']}) data {lay['data']} pipeline {lay['pipeline']} zero1 "
-            f"{lay['zero1']} fsdp {lay['fsdp']}")
+            f"{lay['zero1']} fsdp {lay['fsdp']} | attention {report['attention']}")
     lines = [head, f"{'bytes':<22}{'per rank':>14}"]
     lines += [f"{k:<22}{human_bytes(v):>14}" for k, v in report["bytes"].items()]
     lines.append(f"{'comm per step':<22}{'payload':>14}")
