@@ -26,6 +26,8 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import nn
+from torch.distributed._shard.sharded_tensor import ShardedTensor
+from torch.distributed.checkpoint.staging import AsyncStager
 
 from internevo.checkpoint.format import (
     CONFIG_FILE,
@@ -63,6 +65,7 @@ from internevo.models.base import ModelSpec
 from internevo.models.registry import get_spec
 from internevo.parallel.comm import Comm
 from internevo.parallel.layout import ParallelLayout
+from internevo.parallel.sharded_state import copy_full_into, sharded_to_cpu
 
 try:
     from torch.distributed.tensor import DTensor, distribute_tensor
@@ -147,8 +150,11 @@ def parse_load_info(info: Any, key: str = "ckpt.load_ckpt_info") -> LoadRequest:
 
 def _copy_full(target: torch.Tensor, source: torch.Tensor) -> None:
     """Copy the full ``source`` (any shape with ``target``'s global element order) into
-    ``target``, taking a DTensor's local shard without communication."""
+    ``target``, taking a DTensor's or ShardedTensor's local part without communication."""
     source = source.reshape(target.shape).to(target.dtype)
+    if isinstance(target, ShardedTensor):
+        copy_full_into(target, source)
+        return
     if isinstance(target, DTensor):  # every rank holds the full tensor
         source = distribute_tensor(source, target.device_mesh, target.placements,
                                    src_data_rank=None).to_local()
@@ -409,6 +415,45 @@ STATEFUL_PARTS = ("model", "optimizer", "schedules", "train_state", "loader")
 ``train_state`` has ``step_count`` and ``batch_count`` (the saving cadence reads them)."""
 
 
+def _optimizer_state(optimizer: Any) -> dict:
+    """The optimizer's state as a checkpoint holds it: what this rank owns, with global offsets
+    (``sharded_state_dict``), for optimizers that have it."""
+    sharded = getattr(optimizer, "sharded_state_dict", None)
+    return sharded() if sharded is not None else optimizer.state_dict()
+
+
+def to_cpu(tree: Any) -> Any:
+    """A CPU copy of a state dict's tensors (DTensors and ShardedTensors keep their layout)."""
+    if isinstance(tree, dict):
+        return {k: to_cpu(v) for k, v in tree.items()}
+    if isinstance(tree, ShardedTensor):
+        return sharded_to_cpu(tree)
+    if isinstance(tree, DTensor):
+        local = tree.to_local().detach().to("cpu", copy=True)
+        return DTensor.from_local(local, tree.device_mesh, tree.placements, run_check=False,
+                                  shape=tree.shape, stride=tree.stride())
+    if isinstance(tree, torch.Tensor):
+        return tree.detach().to("cpu", copy=True)
+    return tree
+
+
+class CpuStager(AsyncStager):
+    """Staging of asynchronous saves: a CPU copy of what this rank writes (PyTorch's default
+    stager cannot copy ShardedTensors); training may change the originals as soon as it returns."""
+
+    _synchronize_after_execute = False
+
+    def stage(self, state_dict: dict) -> dict:
+        """The copy (blocking)."""
+        return to_cpu(state_dict)
+
+    def synchronize_staging(self) -> None:
+        """Nothing to wait for: :meth:`stage` blocks."""
+
+    def close(self) -> None:
+        """Nothing to release."""
+
+
 class CheckpointManager:
     """Saving cadence, stop file, (asynchronous) DCP saves and loading of a run's parts."""
 
@@ -601,7 +646,7 @@ class CheckpointManager:
         if "model" in parts:
             state["model"] = self.parts["model"].state_dict()  # parameter views: loaded in place
         if "optimizer" in parts:
-            state["optimizer"], opt_plain = split_tree(optimizer.state_dict())
+            state["optimizer"], opt_plain = split_tree(_optimizer_state(optimizer))
         if not state:
             return
         saved = saved_shapes(folder)
@@ -768,14 +813,15 @@ class CheckpointManager:
             self._complete(tmp, step)
         else:  # DCP stages (copies) the tensors before returning; writing goes on in a thread
             future = self._run_dcp(
-                lambda: dcp.async_save(state, storage_writer=writer, **self._dcp_kwargs()), tmp)
+                lambda: dcp.async_save(state, storage_writer=writer, async_stager=CpuStager(),
+                                       **self._dcp_kwargs()), tmp)
             self._pending = self._executor.submit(self._complete_async, future, tmp, step)
         return self.save_folder / str(step)
 
     def save_state(self) -> tuple[dict, dict]:
         """What a save hands to DCP (model and optimizer tensors in the checkpoint layout) and
         the optimizer's plain values (for ``meta.json``); the dry run builds it too."""
-        opt_tensors, opt_plain = split_tree(self.parts["optimizer"].state_dict())
+        opt_tensors, opt_plain = split_tree(_optimizer_state(self.parts["optimizer"]))
         state, _ = checkpoint_layout({"model": self.parts["model"].state_dict(),
                                       "optimizer": opt_tensors}, self.spec)
         return state, opt_plain

@@ -1,9 +1,10 @@
 """Apply parallelism to a single-device model, in one fixed order, and build what depends on it.
 
-Order: build the full model (layout-independent initial weights; on the meta device under FSDP;
-only this pipeline stage's part of it under pipeline parallel) -> tensor / sequence parallel (or
-isp + weight parallel) -> activation checkpointing -> FSDP (shard, materialise, initialise) or
-move to the device.  The optimizer and the loss are chosen to match (ZeRO-1.5 flat shards or
+Order: build the model on the meta device (only this pipeline stage's part of it, on the CPU,
+under pipeline parallel) -> tensor / sequence parallel (or isp + weight parallel) -> activation
+checkpointing -> FSDP (shard, materialise, initialise) or materialise this rank's shards on the
+device and initialise each from (seed, name) (layout-independent initial weights).  The
+optimizer and the loss are chosen to match (ZeRO-1.5 flat shards or
 FSDP's own shards; plain, vocab-parallel or sequence-shard cross entropy).
 """
 
@@ -16,6 +17,7 @@ from torch import nn
 
 from internevo.config import TrainConfig
 from internevo.models.build import apply_activation_checkpointing, build_model
+from internevo.models.init import init_weights
 from internevo.models.loss import lm_loss
 from internevo.parallel.comm import Comm
 from internevo.parallel.fsdp import FSDPOptimizer, shard_model
@@ -30,12 +32,12 @@ from internevo.parallel.zero import HybridZeroOptimizer, ShardedAdamW
 def parallelize(cfg: TrainConfig, layout: ParallelLayout, comm: Comm, device: torch.device,
                 seed: int) -> nn.Module:
     """Build the model for this rank with every configured parallel mode applied."""
-    if layout.pipeline > 1:
+    if layout.pipeline > 1:  # the stage's part, initialised on the CPU
         model = build_stage_model(cfg, layout, seed)
-    else:
-        model = build_model(cfg, seed=seed, device="meta" if layout.fsdp else "cpu")
-    if not layout.fsdp:  # DTensor shards are cut on the final device
-        model = model.to(device)
+        if not layout.fsdp:
+            model = model.to(device)
+    else:  # on the meta device: only this rank's shards are ever allocated
+        model = build_model(cfg, seed=seed, device="meta")
     if layout.isp:
         apply_isp(model, cfg, layout, comm, device.type)
     else:
@@ -47,7 +49,17 @@ def parallelize(cfg: TrainConfig, layout: ParallelLayout, comm: Comm, device: to
         apply_activation_checkpointing(model, cfg.model.checkpoint)
     if layout.fsdp:
         return shard_model(model, cfg, layout, comm, device, seed)
+    if any(p.is_meta for p in model.parameters()):
+        materialize(model, cfg, device, seed)
     return model
+
+
+def materialize(model: nn.Module, cfg: TrainConfig, device: torch.device, seed: int) -> None:
+    """Allocate the (tensor-parallel-local) parameters of a meta model on ``device`` and
+    initialise each from (seed, name): its shard of the full value, one full parameter at a time
+    (:func:`~internevo.models.init.init_weights`)."""
+    model.to_empty(device=device)
+    init_weights(model, cfg, seed)
 
 
 def build_optimizer(model: nn.Module, cfg: TrainConfig, layout: ParallelLayout, comm: Comm,

@@ -255,3 +255,19 @@ class FSDPOptimizer(ShardedAdamW):
     def refresh_masters_from_params(self) -> None:
         """Nothing to do: the sharded parameters are the masters."""
 
+    def owned(self) -> list[tuple[int, dict[str, torch.Tensor]]]:
+        """FSDP2's dim-0 chunk of each tensor-parallel shard (see :meth:`ShardedAdamW.owned`)."""
+        states, r = self._state_tensors(), self.layout.zero1_rank
+        return [(r * rows * math.prod(shape[1:]),
+                 {k: local_tensor(t[i]).detach().reshape(-1) for k, t in states.items()})
+                for i, (rows, shape) in enumerate(zip(self.rows, self.tp_shapes))]
+
+    def tensor_chunk(self, i: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        """The tensor-parallel shard of parameter ``i`` (FSDP's cut inside it is :meth:`owned`)."""
+        p, shape = self.params[i], self.tp_shapes[i]
+        offset = [0] * len(shape)
+        placement = tensor_placement(p)
+        if placement is not None and placement.is_shard():
+            offset[placement.dim] = self.layout.tp_rank * shape[placement.dim]
+        return shape, tuple(offset)
+

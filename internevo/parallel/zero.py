@@ -46,12 +46,16 @@ from dataclasses import dataclass, field
 from typing import Any, Optional
 
 import torch
+import torch.distributed as dist
 from torch import nn
+from torch.distributed._shard.sharded_tensor import ShardedTensor
 
 from internevo.config import TrainConfig
+from internevo.models.registry import get_spec
 from internevo.parallel.comm import Comm
 from internevo.parallel.layout import ParallelLayout
 from internevo.parallel.scaler import LossScaler
+from internevo.parallel.sharded_state import ChunkGeometry, chunk_geometry, owned_sharded_tensor
 
 try:
     from torch.distributed.tensor import DTensor
@@ -104,6 +108,8 @@ class ShardedAdamW:
         self.params = [p for _, p in named_params]
         self.layout, self.comm, self.scaler = layout, comm, scaler
         self.clip = cfg.hybrid_zero_optimizer.clip_grad_norm
+        self.checkpoint_shape = get_spec(cfg.model_type).checkpoint_shape
+        """Model spec: the layout-independent shape a parameter is saved in (None: its own)."""
         self.masters = masters
         self.norm_weights: list[Optional[torch.Tensor]] = [None] * len(masters)
         """Per master: weights of each element in the gradient norm (None = all 1)."""
@@ -141,6 +147,24 @@ class ShardedAdamW:
     def refresh_masters_from_params(self) -> None:
         """After loading model weights only: masters take the (possibly lower-precision) weights."""
         raise NotImplementedError
+
+    def owned(self) -> list[tuple[int, dict[str, torch.Tensor]]]:
+        """Per parameter: where this rank's elements start in the row-major order of the
+        parameter's (tensor-parallel-local) shard, and those elements of each state tensor
+        (``master``, ``exp_avg``, ``exp_avg_sq``) as 1-D views (empty when it owns none)."""
+        raise NotImplementedError
+
+    def tensor_chunk(self, i: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        """Shape and global offset of parameter ``i``'s tensor-parallel shard (a DTensor's local
+        chunk; the whole parameter otherwise)."""
+        p = self.params[i]
+        if isinstance(p, DTensor):
+            from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+            shape, offset = compute_local_shape_and_global_offset(p.shape, p.device_mesh,
+                                                                  p.placements)
+            return tuple(shape), tuple(offset)
+        return tuple(p.shape), (0,) * p.dim()
 
     # ---------------------------------------------------------------------------- stepping
     def zero_grad(self) -> None:
@@ -203,7 +227,8 @@ class ShardedAdamW:
 
     def state_dict(self) -> dict:
         """Per-parameter fp32 master weights and AdamW moments, in full (tensor-parallel-local)
-        shapes, gathered over zero1, so that a checkpoint does not depend on zero1 / dp / FSDP.
+        shapes, gathered over zero1 (every rank holds all of it: for tools and tests;
+        checkpoints use :meth:`sharded_state_dict`).
 
         ``{"params": {name: {"master", "exp_avg", "exp_avg_sq"}}, "step": float, "scaler": dict}``.
         """
@@ -211,14 +236,42 @@ class ShardedAdamW:
         for key, tensors in self._state_tensors().items():
             for name, full in zip(self.names, self.gather_full(tensors)):
                 per_param[name][key] = full
-        step = float(self.inner.state[self.masters[0]]["step"])
-        return {"params": per_param, "step": step, "scaler": self.scaler.state_dict()}
+        return {"params": per_param, **self._scalars()}
+
+    def sharded_state_dict(self) -> dict:
+        """:meth:`state_dict` without gathering: each entry is a ShardedTensor of the parameter's
+        global (checkpoint) shape whose local shards are views of what this rank owns, so DCP
+        writes every element once and loads in place, into any other layout
+        (internevo/parallel/sharded_state.py)."""
+        rank = dist.get_rank() if dist.is_initialized() else 0
+        per_param = {}
+        for name, geometry, (start, views) in zip(self.names, self._geometries(), self.owned()):
+            per_param[name] = {key: owned_sharded_tensor(view, start, geometry, rank)
+                               for key, view in views.items()}
+        return {"params": per_param, **self._scalars()}
+
+    def _geometries(self) -> list[ChunkGeometry]:
+        if getattr(self, "_geometry_cache", None) is None:
+            self._geometry_cache = []
+            for i, (name, p) in enumerate(zip(self.names, self.params)):
+                shape = tuple(p.shape)
+                self._geometry_cache.append(chunk_geometry(
+                    name, shape, *self.tensor_chunk(i), self.checkpoint_shape(name, shape)))
+        return self._geometry_cache
+
+    def _scalars(self) -> dict:
+        return {"step": float(self.inner.state[self.masters[0]]["step"]),
+                "scaler": self.scaler.state_dict()}
 
     @torch.no_grad()
     def load_state_dict(self, sd: dict) -> None:
-        """Restore masters and moments from :meth:`state_dict` output (any zero1 / dp / FSDP)."""
+        """Restore masters and moments from :meth:`state_dict` output (any zero1 / dp / FSDP),
+        or the step and scaler after DCP loaded :meth:`sharded_state_dict` in place."""
         for key, targets in self._state_tensors().items():
-            pieces = self.shard_full([local_tensor(sd["params"][n][key]) for n in self.names])
+            entries = [sd["params"][n][key] for n in self.names]
+            if all(isinstance(e, ShardedTensor) for e in entries):
+                continue  # views of this rank's state: DCP already wrote into them
+            pieces = self.shard_full([local_tensor(e) for e in entries])
             for target, piece in zip(targets, pieces):
                 local_tensor(target).copy_(piece)
         for m in self.masters:
@@ -448,6 +501,21 @@ class HybridZeroOptimizer(ShardedAdamW):
     def shard_full(self, fulls: list[torch.Tensor]) -> list[torch.Tensor]:
         """This rank's flat shard of per-parameter full tensors."""
         return [self._to_shards(fulls, torch.float32)]
+
+    def owned(self) -> list[tuple[int, dict[str, torch.Tensor]]]:
+        """Each parameter's part of this rank's bucket shards (see :meth:`ShardedAdamW.owned`)."""
+        states = self._state_tensors()
+        out: list[tuple[int, dict[str, torch.Tensor]]] = [(0, {})] * len(self.params)
+        for b in self.buckets:
+            part, pos = self._part(b), 0
+            for i in b.indices:
+                lo = max(pos, part.start)
+                hi = max(lo, min(pos + self.numels[i], part.stop))
+                first = b.offset + lo - part.start
+                out[i] = (lo - pos, {k: t[0].detach()[first: first + hi - lo]
+                                     for k, t in states.items()})
+                pos += self.numels[i]
+        return out
 
     @torch.no_grad()
     def refresh_masters_from_params(self) -> None:

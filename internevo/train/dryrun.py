@@ -47,7 +47,11 @@ import torch
 import torch.distributed as dist
 from torch._subclasses.fake_tensor import DynamicOutputShapeException, is_fake
 from torch.overrides import TorchFunctionMode
-from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes
+from torch.utils._python_dispatch import (
+    TorchDispatchMode,
+    _disable_current_modes,
+    is_traceable_wrapper_subclass,
+)
 from torch.utils._pytree import tree_flatten, tree_map
 from torch.utils.weak import WeakIdKeyDictionary
 
@@ -178,24 +182,27 @@ def init_fake_process_group(world: int, rank: int, device: torch.device) -> None
 # ---------------------------------------------------------------------------- accounting
 
 
-class AllocationCounter(TorchDispatchMode):
-    """Counts the bytes of storages alive (created by dispatched ops) and their peak; shadows
-    small integer tensors with real values so that ``.item()`` / ``.tolist()`` stay truthful."""
+class StorageCounter(TorchDispatchMode):
+    """Bytes of the storages alive that dispatched ops created, and their peak (real or fake
+    tensors; meta tensors allocate nothing): each storage counts from its creation until it is
+    freed (weakref finalizer)."""
 
-    def __init__(self, fake_mode: Any) -> None:
+    def __init__(self) -> None:
         super().__init__()
-        self.fake_mode = fake_mode
         self.live = 0
         self.peak = 0
         """Most bytes alive at once since the counter started."""
-        self.window_peak = 0
-        """Most bytes alive at once since :meth:`reset_window`."""
+        self.window_peak = self.live_at_reset = 0
+        """Most bytes alive at once since :meth:`reset_window`, and those alive then."""
         self._storages: dict[int, int] = {}
-        self._shadow = WeakIdKeyDictionary()
 
     def reset_window(self) -> None:
         """Start a new window peak (:attr:`window_peak`) from the bytes alive now."""
         self.window_peak = self.live_at_reset = self.live
+
+    def window_growth(self) -> int:
+        """The most bytes added above :attr:`live_at_reset` since :meth:`reset_window`."""
+        return self.window_peak - self.live_at_reset
 
     def track(self, t: torch.Tensor) -> None:
         """Count ``t``'s storage from now until it is freed (once per storage)."""
@@ -215,6 +222,32 @@ class AllocationCounter(TorchDispatchMode):
 
     def __torch_dispatch__(self, func: Any, types: Any, args: tuple = (),
                            kwargs: Optional[dict] = None) -> Any:
+        return self.track_all(func(*args, **(kwargs or {})), (args, kwargs))
+
+    def track_all(self, out: Any, inputs: Any) -> Any:
+        """:meth:`track` every tensor of an op's output that does not alias an input (a view,
+        ``detach`` or an in-place result shares a storage that exists already); returns it."""
+        seen = {t.untyped_storage()._cdata for t in tree_flatten(inputs)[0]
+                if isinstance(t, torch.Tensor)}
+        for t in tree_flatten(out)[0]:
+            if (isinstance(t, torch.Tensor) and not t.is_meta  # meta: nothing allocated
+                    and not is_traceable_wrapper_subclass(t)  # a DTensor: its local tensor is
+                    and t.untyped_storage()._cdata not in seen):  # counted by the inner op
+                self.track(t)
+        return out
+
+
+class AllocationCounter(StorageCounter):
+    """A :class:`StorageCounter` for the dry run: it also shadows small integer tensors with
+    their real values so that ``.item()`` / ``.tolist()`` stay truthful."""
+
+    def __init__(self, fake_mode: Any) -> None:
+        super().__init__()
+        self.fake_mode = fake_mode
+        self._shadow = WeakIdKeyDictionary()
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: tuple = (),
+                           kwargs: Optional[dict] = None) -> Any:
         args, kwargs = tree_map(self._fake, (args, kwargs or {}))
         if func is torch.ops.aten._local_scalar_dense.default:
             return self._scalar(args[0])
@@ -224,9 +257,7 @@ class AllocationCounter(TorchDispatchMode):
             out = self._real_op(func, args, kwargs)
             if out is None:
                 raise
-        for t in tree_flatten(out)[0]:
-            if isinstance(t, torch.Tensor):
-                self.track(t)
+        self.track_all(out, (args, kwargs))
         self._maybe_shadow(func, args, kwargs, out)
         return out
 
@@ -412,7 +443,7 @@ def dry_run(cfg: Any, world: int, rank: int = 0, device: str = "cuda", seed: int
                          if k.endswith("/bytes")}
             counter.reset_window()
             state = trainer.ckpt.save_state()
-            save_peak = counter.window_peak - counter.live_at_reset
+            save_peak = counter.window_growth()
             del state
             report = _report(trainer, layout, grads.bytes(), {
                 "activations_peak": saved.peak, "checkpoint_save_peak": save_peak,
