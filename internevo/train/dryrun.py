@@ -45,6 +45,7 @@ from typing import Any, Optional
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from torch._subclasses.fake_tensor import DynamicOutputShapeException, is_fake
 from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import (
@@ -369,9 +370,15 @@ class SavedActivations:
             yield
 
 
-class _StandInLiterals(TorchFunctionMode):
-    """``torch.tensor(data, device=<stand-in>)``: built on the CPU, then moved (the stand-in
-    has no kernels, and the literal's copy to it runs below the fake mode)."""
+class _StandInFunctions(TorchFunctionMode):
+    """What the stand-in accelerator does differently from the CPU, at the torch-function level.
+
+    * ``torch.tensor(data, device=<stand-in>)`` is built on the CPU, then moved (the stand-in has
+      no kernels, and the literal's copy to it runs below the fake mode);
+    * ``scaled_dot_product_attention`` runs the fused flash kernel (what SDPA picks on CUDA: it
+      saves the output and log-sum-exp, not the attention probabilities of the math kernel a
+      non-CUDA device falls back to; one fake op instead of dozens).
+    """
 
     def __torch_function__(self, func: Any, types: Any, args: tuple = (),
                            kwargs: Optional[dict] = None) -> Any:
@@ -380,7 +387,22 @@ class _StandInLiterals(TorchFunctionMode):
         if func in (torch.tensor, torch.as_tensor) and device is not None \
                 and torch.device(device).type == STAND_IN:
             return func(*args, **{**kwargs, "device": None}).to(device)
+        if func is F.scaled_dot_product_attention and args[0].device.type == STAND_IN:
+            return _flash_attention(*args, **kwargs)
         return func(*args, **kwargs)
+
+
+def _flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                     attn_mask: Optional[torch.Tensor] = None, dropout_p: float = 0.0,
+                     is_causal: bool = False, scale: Optional[float] = None,
+                     enable_gqa: bool = False) -> torch.Tensor:
+    """SDPA by the fused flash kernel (grouped K/V heads repeated for it)."""
+    if enable_gqa and k.shape[-3] != q.shape[-3]:
+        k = k.repeat_interleave(q.shape[-3] // k.shape[-3], dim=-3)
+        v = v.repeat_interleave(q.shape[-3] // v.shape[-3], dim=-3)
+    out, _ = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+        q, k, v, dropout_p, is_causal, attn_mask=attn_mask, scale=scale)
+    return out
 
 
 @contextlib.contextmanager
@@ -432,7 +454,7 @@ def dry_run(cfg: Any, world: int, rank: int = 0, device: str = "cuda", seed: int
         comm = Comm(layout, device=dev)
         fake = FakeTensorMode()
         counter, saved = AllocationCounter(fake), SavedActivations()
-        with fake, counter, _fake_module_conversion(fake), _StandInLiterals():
+        with fake, counter, _fake_module_conversion(fake), _StandInFunctions():
             trainer = Trainer(cfg, layout, comm, dev, Path(run_dir or "runs/dryrun"), seed)
             grads = GradientBytes(trainer)
             saved.exclude(trainer.model.parameters())
