@@ -45,7 +45,6 @@ from typing import Any, Optional
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch._subclasses.fake_tensor import DynamicOutputShapeException, is_fake
 from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import (
@@ -96,6 +95,8 @@ def dry_run_device(device: str) -> torch.device:
         _setup_privateuseone_for_python_backend(STAND_IN, backend_module=_StandInModule())
     attention.ACCELERATOR_STAND_INS.add(STAND_IN)  # pick the kernel a real GPU picks
     return torch.device(STAND_IN, 0)
+
+
 
 
 class _StandInStream:
@@ -375,9 +376,6 @@ class _StandInFunctions(TorchFunctionMode):
 
     * ``torch.tensor(data, device=<stand-in>)`` is built on the CPU, then moved (the stand-in has
       no kernels, and the literal's copy to it runs below the fake mode);
-    * ``scaled_dot_product_attention`` runs the fused flash kernel (what SDPA picks on CUDA: it
-      saves the output and log-sum-exp, not the attention probabilities of the math kernel a
-      non-CUDA device falls back to; one fake op instead of dozens).
     """
 
     def __torch_function__(self, func: Any, types: Any, args: tuple = (),
@@ -387,22 +385,7 @@ class _StandInFunctions(TorchFunctionMode):
         if func in (torch.tensor, torch.as_tensor) and device is not None \
                 and torch.device(device).type == STAND_IN:
             return func(*args, **{**kwargs, "device": None}).to(device)
-        if func is F.scaled_dot_product_attention and args[0].device.type == STAND_IN:
-            return _flash_attention(*args, **kwargs)
         return func(*args, **kwargs)
-
-
-def _flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                     attn_mask: Optional[torch.Tensor] = None, dropout_p: float = 0.0,
-                     is_causal: bool = False, scale: Optional[float] = None,
-                     enable_gqa: bool = False) -> torch.Tensor:
-    """SDPA by the fused flash kernel (grouped K/V heads repeated for it)."""
-    if enable_gqa and k.shape[-3] != q.shape[-3]:
-        k = k.repeat_interleave(q.shape[-3] // k.shape[-3], dim=-3)
-        v = v.repeat_interleave(q.shape[-3] // v.shape[-3], dim=-3)
-    out, _ = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
-        q, k, v, dropout_p, is_causal, attn_mask=attn_mask, scale=scale)
-    return out
 
 
 @contextlib.contextmanager
