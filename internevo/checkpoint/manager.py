@@ -364,19 +364,26 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def _local_parts(t: torch.Tensor) -> list[torch.Tensor]:
+    """This rank's tensors of ``t``: a DTensor's local shard, a ShardedTensor's local boxes."""
+    if isinstance(t, ShardedTensor):
+        return [s.tensor for s in t.local_shards()]
+    return [t.to_local() if isinstance(t, DTensor) else t]
+
+
 def non_finite(tree: dict, where: str, prefix: str = "") -> str:
     """The error line for the first tensor of a nested dict (DCP key order) holding NaN or
-    infinite values (this rank's shard of a DTensor), or ``""``."""
+    infinite values (this rank's shard of a DTensor or ShardedTensor), or ``""``."""
     for key, value in tree.items():
         name = f"{prefix}{key}"
         if isinstance(value, dict):
             found = non_finite(value, where, name + ".")
         elif isinstance(value, torch.Tensor) and value.is_floating_point():
-            local = value.to_local() if isinstance(value, DTensor) else value
-            bad = int((~torch.isfinite(local)).sum())
+            parts = _local_parts(value)
+            bad = sum(int((~torch.isfinite(t)).sum()) for t in parts)
             found = (f"{where}: tensor {name!r} holds {bad} non-finite values (NaN or inf) of "
-                     f"{local.numel()}; training cannot start from it: load an earlier "
-                     "checkpoint") if bad else ""
+                     f"{sum(t.numel() for t in parts)}; training cannot start from it: load an "
+                     "earlier checkpoint") if bad else ""
         else:
             found = ""
         if found:
