@@ -97,8 +97,6 @@ def dry_run_device(device: str) -> torch.device:
     return torch.device(STAND_IN, 0)
 
 
-
-
 class _StandInStream:
     """Streams and events of the stand-in: ordering is moot when nothing runs."""
 
