@@ -719,7 +719,7 @@ _RANGES = {  # field -> (lowest, highest, lowest included); None = no bound
     "data.valid_micro_num": (1, None, True),
     "data.num_worker": (0, None, True),
     "data.seed": (0, None, True),
-    "data.empty_cache_and_diag_interval": (1, None, True),
+    "data.empty_cache_and_diag_interval": (0, None, True),
     "data.diag_outlier_ratio": (0, None, False),
     "model.layer_norm_epsilon": (0, None, False),
     "model.rope_base": (0, None, False),

@@ -660,7 +660,7 @@ class CheckpointManager:
         disk, copies = checkpoint_layout(state, self.spec, saved)  # views: loading fills ``state``
         expected = flat_shapes(disk)
         check_tensors(folder, expected, asdict(self.cfg.model), saved)
-        self._check_extra(folder, request, set(saved) - set(expected))
+        self._check_extra(folder, request, set(saved) - self._every_stage(set(expected)))
         try:
             dcp.load(disk, storage_reader=dcp.FileSystemReader(str(folder)), **self._dcp_kwargs())
         except (Exception, dcp.CheckpointException) as err:
@@ -675,6 +675,17 @@ class CheckpointManager:
                 optimizer.after_update()  # the masters are the truth: weights follow them
         else:
             optimizer.refresh_masters_from_params()
+
+    def _every_stage(self, names: set[str]) -> set[str]:
+        """``names`` of this rank joined with those of the other pipeline stages: a stage holds
+        only its own blocks, the checkpoint every stage's (gathered outside :class:`Comm`, like
+        DCP's own collectives)."""
+        group = self.layout.group("pipeline")
+        if group is None:
+            return names
+        gathered: list = [None] * dist.get_world_size(group)
+        dist.all_gather_object(gathered, sorted(names), group=group)
+        return set().union(*(set(g) for g in gathered))
 
     def _check_extra(self, folder: Path, request: LoadRequest, extra: set[str]) -> None:
         """Tensors of the loaded parts that this model does not have: refused (strict), else

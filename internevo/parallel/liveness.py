@@ -24,6 +24,8 @@ INTERVAL_S = 0.5
 """Seconds between two heartbeats of a rank."""
 PROBE_S = 3 * INTERVAL_S
 """How long a failing rank watches the others' counters before naming the silent ones."""
+REGISTER_S = 10.0
+"""At most this long a rank waits at start for every other rank's host and pid."""
 _BEAT, _WHO = "internevo/beat/", "internevo/who/"
 
 
@@ -38,6 +40,7 @@ class Liveness:
         so a rank 0 that took the store with it can still be named)."""
         store.set(f"{_WHO}{rank}", f"{self.host} {os.getpid()}")
         store.add(f"{_BEAT}{rank}", 1)
+        self._wait_for_everyone()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._beat, name="internevo-heartbeat",
                                         daemon=True)
@@ -55,6 +58,17 @@ class Liveness:
             return cls(store, rank, world_size)
         except (RuntimeError, OSError):
             return None
+
+    def _wait_for_everyone(self) -> None:
+        """Learn every rank's host and pid now (they register right after rendezvous), so a
+        rank 0 stopped before the first heartbeat can still be named; bounded by
+        :data:`REGISTER_S`, after which the heartbeat keeps looking."""
+        keys = [f"{_WHO}{r}" for r in range(self.world_size)]
+        try:
+            self.store.wait(keys, datetime.timedelta(seconds=REGISTER_S))
+        except (RuntimeError, OSError):  # late ranks: the heartbeat thread learns them
+            pass
+        self._learn_who()
 
     def _beat(self) -> None:
         while not self._stop.wait(INTERVAL_S):
