@@ -640,11 +640,11 @@ def _validate_model_type(cfg: TrainConfig, where: str) -> None:
     _check(cfg.model_type in MODEL_REGISTRY, where, "model_type",
            f"unknown model type {cfg.model_type!r}; registered: {', '.join(MODEL_REGISTRY)}")
     foreign = foreign_keys(cfg.model_type)
-    wrong = sorted(set(getattr(cfg.model, "_given", ())) & set(foreign))
+    given = getattr(cfg.model, "_given", set())
+    wrong = sorted(given & foreign.keys())
     if wrong:
         raise _fail(where, f"model.{wrong[0]}", f"not a parameter of {cfg.model_type} "
                     f"(only of {', '.join(foreign[wrong[0]])})")
-    given = getattr(cfg.model, "_given", set())
     for key, value in get_spec(cfg.model_type).defaults.items():
         if key not in given:
             setattr(cfg.model, key, value)
