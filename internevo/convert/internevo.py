@@ -91,6 +91,15 @@ def find_checkpoint(path: Path, complete_only: bool = False) -> Optional[Path]:
     return steps[-1][1] if steps else None
 
 
+def require_checkpoint(path: Path) -> Path:
+    """:func:`find_checkpoint`, raising (one line naming ``path``) when there is none."""
+    folder = find_checkpoint(path)
+    if folder is None:
+        raise InternEvoCheckpointError(f"{path}: no InternEvo model_tp*_pp*.pt files here or in "
+                                       "a numbered step folder")
+    return folder
+
+
 def _safe_numpy_globals() -> list:
     """What unpickling NumPy arrays needs (InternEvo's sampler state), under both module names."""
     reconstruct, scalar = np._core.multiarray._reconstruct, np._core.multiarray.scalar
@@ -524,10 +533,7 @@ def read_checkpoint(path: Path, cfg: TrainConfig, parts: frozenset) -> dict:
     """``parts`` (names of :data:`internevo.checkpoint.manager.PARTS`) of the InternEvo checkpoint
     at ``path`` (a step folder, or a save folder: its newest), as full state:
     ``{"folder", "layout", "model", "optimizer", "train_state", "schedules", "loader"}``."""
-    folder = find_checkpoint(path)
-    if folder is None:
-        raise InternEvoCheckpointError(f"{path}: no InternEvo model_tp*_pp*.pt files here or in "
-                                       "a numbered step folder")
+    folder = require_checkpoint(path)
     lay = scan(folder)
     out: dict[str, Any] = {"folder": folder, "layout": lay}
     if "model" in parts:

@@ -13,9 +13,9 @@ from internevo.checkpoint.manager import PARTS, write_full_checkpoint
 from internevo.config import TrainConfig, load_config
 from internevo.convert.internevo import (
     InternEvoCheckpointError,
-    find_checkpoint,
     read_checkpoint,
     read_model,
+    require_checkpoint,
     saved_config_text,
     scan,
     write_model,
@@ -45,10 +45,7 @@ def from_internevo(src: Path, tgt: Path, config: Optional[str] = None) -> Path:
     """Write the InternEvo checkpoint ``src`` as ours: ``tgt/<step>/`` (everything it holds;
     point ``save_ckpt_folder`` or ``load_ckpt_info.path`` at ``tgt``), or a model-only folder
     ``tgt`` when ``src`` has no optimizer files."""
-    folder = find_checkpoint(src)
-    if folder is None:
-        raise InternEvoCheckpointError(f"{src}: no InternEvo model_tp*_pp*.pt files here or in a "
-                                       "numbered step folder")
+    folder = require_checkpoint(src)
     cfg, text = _config_for(folder, config)
     lay = scan(folder)
     if not lay.zero1:
