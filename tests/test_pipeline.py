@@ -28,13 +28,14 @@ from internevo.parallel.layout import ParallelLayout
 from internevo.parallel.pipeline import (
     Chunk,
     PipelineRunner,
-    build_stage_model,
     forward_only,
     interleaved,
+    layout_chunks,
     one_f_one_b,
     partition,
     rank_chunks,
     simulate,
+    split_model,
     train_schedule,
 )
 from internevo.parallel.spawn import spawn_ranks
@@ -480,7 +481,7 @@ def test_dry_run_reports_each_stage():
     cfg = pp_config("INTERNLM2_PUBLIC", DRY, {})
     for report in json.loads(lines[-1][len("RESULT "):]):
         layout = ParallelLayout.from_config(cfg, 4, report["rank"])
-        stage = build_stage_model(cfg, layout, seed=0)
+        stage = split_model(build_model(cfg, seed=0, device="meta"), layout_chunks(cfg, layout))
         assert report["bytes"]["params"] == 4 * sum(p.numel() for p in stage.parameters())
         micro = cfg.data.micro_num  # the loader's rows per data rank
         assert report["comm"]["send/pipeline"] == micro * SEQ * 64 * 4

@@ -1,7 +1,7 @@
 """Apply parallelism to a single-device model, in one fixed order, and build what depends on it.
 
-Order: build the model on the meta device (only this pipeline stage's part of it, on the CPU,
-under pipeline parallel) -> tensor / sequence parallel (or isp + weight parallel) -> activation
+Order: build the model on the meta device (only this pipeline stage's part of it under
+pipeline parallel) -> tensor / sequence parallel (or isp + weight parallel) -> activation
 checkpointing -> FSDP (shard, materialise, initialise) or materialise this rank's shards on the
 device and initialise each from (seed, name) (layout-independent initial weights).  The
 optimizer and the loss are chosen to match (ZeRO-1.5 flat shards or
@@ -23,7 +23,7 @@ from internevo.parallel.comm import Comm
 from internevo.parallel.fsdp import FSDPOptimizer, shard_model
 from internevo.parallel.isp import SequenceShardLoss, apply_isp
 from internevo.parallel.layout import ParallelLayout
-from internevo.parallel.pipeline import build_stage_model, chunk_blocks, layout_chunks
+from internevo.parallel.pipeline import chunk_blocks, layout_chunks, split_model
 from internevo.parallel.scaler import LossScaler
 from internevo.parallel.tensor import VocabParallelLoss, apply_tensor_parallel
 from internevo.parallel.zero import HybridZeroOptimizer, ShardedAdamW
@@ -32,12 +32,9 @@ from internevo.parallel.zero import HybridZeroOptimizer, ShardedAdamW
 def parallelize(cfg: TrainConfig, layout: ParallelLayout, comm: Comm, device: torch.device,
                 seed: int) -> nn.Module:
     """Build the model for this rank with every configured parallel mode applied."""
-    if layout.pipeline > 1:  # the stage's part, initialised on the CPU
-        model = build_stage_model(cfg, layout, seed)
-        if not layout.fsdp:
-            model = model.to(device)
-    else:  # on the meta device: only this rank's shards are ever allocated
-        model = build_model(cfg, seed=seed, device="meta")
+    model = build_model(cfg, seed=seed, device="meta")  # only this rank's shards are allocated
+    if layout.pipeline > 1:  # keep this stage's chunks
+        split_model(model, layout_chunks(cfg, layout))
     if layout.isp:
         apply_isp(model, cfg, layout, comm, device.type)
     else:

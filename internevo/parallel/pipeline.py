@@ -33,8 +33,6 @@ import torch
 from torch import Tensor, nn
 
 from internevo.config import TrainConfig
-from internevo.models.build import build_model
-from internevo.models.init import init_weights
 from internevo.parallel.comm import Comm
 from internevo.parallel.layout import ParallelLayout
 
@@ -96,16 +94,6 @@ def split_model(model: nn.Module, chunks: list[Chunk]) -> nn.Module:
     if not any(c.last for c in chunks):
         setattr(model, model.norm_attr, None)
         setattr(model, model.head_attr, None)
-    return model
-
-
-def build_stage_model(cfg: TrainConfig, layout: ParallelLayout, seed: int) -> nn.Module:
-    """This pipeline rank's model on the CPU: built on the meta device, split to its chunks, then
-    initialised from (seed, name), so every kept parameter equals the single-process one."""
-    model = build_model(cfg, seed=seed, device="meta")
-    split_model(model, layout_chunks(cfg, layout))
-    model.to_empty(device="cpu")
-    init_weights(model, cfg, seed)
     return model
 
 
