@@ -46,7 +46,6 @@ from dataclasses import dataclass, field
 from typing import Any, Optional
 
 import torch
-import torch.distributed as dist
 from torch import nn
 from torch.distributed._shard.sharded_tensor import ShardedTensor
 
@@ -243,7 +242,7 @@ class ShardedAdamW:
         global (checkpoint) shape whose local shards are views of what this rank owns, so DCP
         writes every element once and loads in place, into any other layout
         (internevo/parallel/sharded_state.py)."""
-        rank = dist.get_rank() if dist.is_initialized() else 0
+        rank = self.layout.rank
         per_param = {}
         for name, geometry, (start, views) in zip(self.names, self._geometries(), self.owned()):
             per_param[name] = {key: owned_sharded_tensor(view, start, geometry, rank)
