@@ -40,7 +40,6 @@ import functools
 from typing import Any, Optional
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.autograd import Function
@@ -69,22 +68,16 @@ WEIGHT = "weight"
 # Ulysses all-to-all
 
 
-def _wire_dtype(comm: Comm, dtype: torch.dtype) -> torch.dtype:
-    """gloo all-to-all in 16-bit dtypes gave wrong results on 4 ranks: send fp32 there."""
-    pg = comm.layout.group(SEQ)
-    return torch.float32 if dist.get_backend(pg) == "gloo" else dtype
-
-
 def all_to_all_dim(comm: Comm, x: Tensor, scatter_dim: int, gather_dim: int) -> Tensor:
     """Cut ``x`` into ``sp`` chunks along ``scatter_dim``, send chunk ``r`` to sequence rank
     ``r``, and concatenate what arrives along ``gather_dim`` (in rank order)."""
     n = comm.layout.tensor
     if n == 1:
         return x
-    send = torch.stack(x.chunk(n, dim=scatter_dim)).to(_wire_dtype(comm, x.dtype))
+    send = torch.stack(x.chunk(n, dim=scatter_dim))
     recv = torch.empty_like(send)
     comm.all_to_all(recv.view(-1), send.view(-1), SEQ)
-    return torch.cat(recv.to(x.dtype).unbind(0), dim=gather_dim)
+    return torch.cat(recv.unbind(0), dim=gather_dim)
 
 
 class _AllToAll(Function):
