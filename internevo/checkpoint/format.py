@@ -234,8 +234,11 @@ def check_manifest(folder: Path, manifest: dict, share: tuple[int, int] = (0, 1)
         if path.stat().st_size != size:
             raise CheckpointError(f"{path}: {path.stat().st_size} bytes but {size} were written; "
                                   "the checkpoint is truncated or corrupted")
-        if name in crcs and i % share[1] == share[0] and file_crc32(path) != crcs[name]:
-            raise CheckpointError(f"{path}: checksum mismatch (crc32 {file_crc32(path):08x}, "
+        if name not in crcs or i % share[1] != share[0]:
+            continue
+        crc = file_crc32(path)
+        if crc != crcs[name]:
+            raise CheckpointError(f"{path}: checksum mismatch (crc32 {crc:08x}, "
                                   f"{crcs[name]:08x} when written): the file was damaged after "
                                   "it was saved; load an earlier checkpoint")
 
