@@ -43,6 +43,7 @@ import torch
 from torch import nn
 
 from internevo.parallel.zero import HybridZeroOptimizer, local_tensor
+from internevo.train.dryrun import storage_bytes
 
 CATEGORIES = ("params", "grads", "master", "optimizer_states", "activations_peak")
 PADDING = "(zero1 padding)"
@@ -114,12 +115,10 @@ def optimizer_bytes(opt: Any) -> dict[str, dict[str, int]]:
 
 def storage_totals(model: nn.Module, opt: Any) -> dict[str, int]:
     """Totals read from the storages themselves (not from the per-module attribution)."""
-    params = {_storage_key(p) for p in model.parameters()}
-    moments = {_storage_key(t) for m in opt.masters
-               for k, t in opt.inner.state[m].items() if k != "step"}
-    master = 0 if not isinstance(opt, HybridZeroOptimizer) else _storage_key(opt.master)[1]
-    return {"params": sum(n for _, n in params), "master": master,
-            "optimizer_states": sum(n for _, n in moments)}
+    moments = [t for m in opt.masters for k, t in opt.inner.state[m].items() if k != "step"]
+    master = [opt.master] if isinstance(opt, HybridZeroOptimizer) else []
+    return {"params": storage_bytes(model.parameters()), "master": storage_bytes(master),
+            "optimizer_states": storage_bytes(moments)}
 
 
 # ------------------------------------------------------------------------------- activations
