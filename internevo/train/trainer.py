@@ -179,13 +179,14 @@ class Trainer:
         """The 1F1B / interleaved schedule over the rows of ``batch`` (spec §3.7): the last stage
         computes each row's loss / rows; loss and metrics come back from it to every stage."""
         rows = batch["input_ids"].shape[0]
-        acc: dict = {"loss": 0.0, "stats": self.zero_stats()}
+        acc: dict = {"loss": torch.zeros(1, dtype=torch.float64, device=self.device),
+                     "stats": self.zero_stats()}
 
         def forward(chunk: Chunk, m: int, x: Optional[torch.Tensor]) -> torch.Tensor:
             if not chunk.last:
                 return self.model(**self.row_args(batch, m, x, chunk), final=False)
             loss, stats = self.row_loss(batch, m, x, chunk)
-            acc["loss"] += loss.item() / rows
+            acc["loss"] += loss.detach().double() / rows  # no host sync inside the schedule
             acc["stats"] = {k: acc["stats"][k] + stats[k] for k in stats}
             return loss / rows
 
@@ -211,10 +212,10 @@ class Trainer:
         return {k: torch.zeros(self.num_types, dtype=torch.float64, device=self.device)
                 for k in ("tokens", "correct", "nll")}
 
-    def from_last_stage(self, loss: float, stats: dict) -> tuple[float, dict]:
-        """The last pipeline stage's loss and metric sums, broadcast to every stage."""
-        packed = torch.cat([torch.tensor([loss], dtype=torch.float64, device=self.device),
-                            *stats.values()])
+    def from_last_stage(self, loss: torch.Tensor, stats: dict) -> tuple[float, dict]:
+        """The last pipeline stage's loss (a 1-element tensor) and metric sums, broadcast to
+        every stage."""
+        packed = torch.cat([loss.reshape(1), *stats.values()])
         self.comm.broadcast(packed, "pipeline", self.layout.pipeline - 1)
         parts = packed[1:].split(self.num_types)
         return packed[0].item(), dict(zip(stats, parts))
